@@ -1,0 +1,1 @@
+"""hybrid_fc: model-parallel Partial FC heads beside DeepSpeed ZeRO backbones."""

@@ -1,0 +1,267 @@
+"""All communication of the head lives here (DESIGN.md layering).
+
+Each collective is an autograd pair with an explicit process group and an early return when the
+group has one rank. Backends: gloo (CPU tests) and NCCL (GPUs). gloo has no reduce-scatter, so
+there the gather's backward is an all-reduce followed by taking the local slice (same result,
+W times the traffic); NCCL uses reduce_scatter_tensor.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "group_rank", "group_size", "gather_batch_meta", "all_gather_varlen", "all_gather_rows",
+    "scale_grad", "sharded_margin_softmax_ce",
+]
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_batch_meta(meta: torch.Tensor, group) -> List[List[int]]:
+    """All-gather a small int64 vector per rank and bring it to the host.
+
+    Used once per step for the batch sizes (which may differ between ranks and steps) together
+    with input-validation counters, so that every rank learns of bad input on any rank and all
+    raise together instead of hanging in the next collective. Cost: one tiny all-gather and one
+    host sync (on GPU it waits for the kernels that produced `meta`).
+    """
+    world = group_size(group)
+    if world == 1:
+        return [meta.tolist()]
+    out = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(out, meta.contiguous(), group=group)
+    return [t.tolist() for t in torch.stack(out).cpu()]
+
+
+def _offsets(sizes: Sequence[int]) -> List[int]:
+    offs, acc = [], 0
+    for s in sizes:
+        offs.append(acc)
+        acc += s
+    return offs
+
+
+def all_gather_varlen(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """Concatenate every rank's `x` (first dims `sizes[r]`) in rank order. No autograd."""
+    world = len(sizes)
+    if world == 1:
+        return x
+    longest = max(sizes)
+    if x.shape[0] < longest:  # all_gather needs equal shapes: pad, then drop the padding
+        pad = x.new_zeros((longest - x.shape[0],) + tuple(x.shape[1:]))
+        x = torch.cat([x, pad])
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """forward: all-gather rows (variable counts per rank); backward: reduce-scatter (sum)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        ctx.rank = group_rank(group)
+        return all_gather_varlen(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, group, rank = ctx.sizes, ctx.group, ctx.rank
+        grad = grad.contiguous()
+        start = _offsets(sizes)[rank]
+        if dist.get_backend(group) == "nccl":
+            longest = max(sizes)
+            padded = grad.new_zeros((len(sizes) * longest,) + tuple(grad.shape[1:]))
+            for r, (off, n) in enumerate(zip(_offsets(sizes), sizes)):
+                padded[r * longest:r * longest + n] = grad[off:off + n]
+            out = grad.new_empty((longest,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, padded, group=group)
+            return out[:sizes[rank]], None, None
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad[start:start + sizes[rank]], None, None
+
+
+def all_gather_rows(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """Differentiable gather: (sizes[rank], ...) -> (sum(sizes), ...).
+
+    The backward sums the gradients that every rank computed for this rank's rows. When each
+    rank's graph covers one shard of a loss that all ranks compute identically, that sum is the
+    exact gradient of the loss with respect to the local rows.
+    """
+    if len(sizes) == 1:
+        return x
+    return _AllGatherRows.apply(x, list(sizes), group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """forward: identity; backward: gradient times `factor`."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    if factor == 1:
+        return x
+    return _ScaleGrad.apply(x, factor)
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    if group_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _block_bounds(total: int, block: int):
+    for a in range(0, total, block):
+        yield a, min(total, a + block)
+
+
+def _normalized_rows(weight: torch.Tensor, rows: torch.Tensor):
+    """Gather rows of the fp32 master weight and L2-normalize them. (c, D) each."""
+    w = weight.index_select(0, rows)
+    norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(1e-12)
+    return w.div_(norm), norm
+
+
+def _put_targets(block: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
+                 values: torch.Tensor) -> torch.Tensor:
+    """block[j, cols[j]] = values[j] where valid[j]; shape-static, no host sync."""
+    cols = cols.clamp(0, block.shape[1] - 1).unsqueeze(1)
+    keep = block.gather(1, cols).squeeze(1)
+    block.scatter_(1, cols, torch.where(valid, values, keep).unsqueeze(1))
+    return block
+
+
+class _ShardedMarginSoftmaxCE(torch.autograd.Function):
+    """forward: max and sum all-reduces (fp32 log-sum-exp); backward: no collectives.
+
+    Scores the gathered, normalized embeddings E (N, D) against the sampled, normalized rows
+    of this rank's shard, with the margin on each row's target logit, and returns the mean
+    cross-entropy over the N rows of the global batch (the same value on every rank).
+    Work is done in blocks of `block` sampled rows, so no (S, D) copy of the sampled weights
+    exists. With `keep_probs` the (N, S) fp32 probabilities are kept for backward (three
+    matmuls per step); without it only two (N,) vectors are kept and each block's logits are
+    recomputed in backward (four matmuls, activation memory O(N * block)).
+    """
+
+    @staticmethod
+    def forward(ctx, emb, weight, index, target, margin, group, block, keep_probs, sparse_grad):
+        # emb: (N, D) normalized, compute dtype; weight: (num_local, D) fp32 master;
+        # index: (S,) sampled local rows, sorted; target: (N,) position in index or -1.
+        n, s_rows = emb.shape[0], index.shape[0]
+        scale = margin.scale
+        owned = target >= 0
+
+        # Target cosines in fp32 from the master rows (N x D, cheap), margin applied.
+        t_rows = index.index_select(0, target.clamp(min=0))
+        w_t, _ = _normalized_rows(weight, t_rows)
+        cos_t = (emb.float() * w_t).sum(1).clamp_(-1.0, 1.0)  # (N,)
+        logit_t = margin(cos_t) * scale                          # (N,) fp32
+
+        row_max = torch.full((n,), float("-inf"), device=emb.device)
+        probs = torch.empty((n, s_rows), dtype=torch.float32, device=emb.device) if keep_probs else None
+        run_sum = None if keep_probs else torch.zeros(n, device=emb.device)
+        for a, b in _block_bounds(s_rows, block):
+            w_b, _ = _normalized_rows(weight, index[a:b])
+            logits = torch.matmul(emb, w_b.to(emb.dtype).t()).float().mul_(scale)  # (N, c)
+            _put_targets(logits, target - a, owned & (target >= a) & (target < b), logit_t)
+            bmax = logits.amax(dim=1)
+            if keep_probs:
+                probs[:, a:b] = logits
+                torch.maximum(row_max, bmax, out=row_max)
+            else:  # online log-sum-exp: rescale the running sum to the new max
+                new_max = torch.maximum(row_max, bmax)
+                run_sum.mul_(torch.exp(row_max - new_max)).add_(
+                    torch.exp(logits.sub_(new_max.unsqueeze(1))).sum(1))
+                row_max = new_max
+
+        local_max = row_max
+        row_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)  # (N,) global max
+        if keep_probs:
+            probs.sub_(row_max.unsqueeze(1)).exp_()
+            local_sum = probs.sum(1)
+        else:
+            local_sum = run_sum.mul_(torch.exp(local_max - row_max))
+        # One all-reduce for the sum of exponentials and the (single-owner) target logit.
+        stats = torch.stack([local_sum, torch.where(owned, logit_t, torch.zeros_like(logit_t))], 1)
+        stats = _all_reduce(stats, dist.ReduceOp.SUM, group)
+        sum_exp, tgt = stats[:, 0], stats[:, 1]
+        loss = (torch.log(sum_exp) + row_max - tgt).mean()
+        if keep_probs:
+            probs.div_(sum_exp.unsqueeze(1))
+
+        ctx.margin, ctx.block, ctx.keep_probs, ctx.sparse_grad = margin, block, keep_probs, sparse_grad
+        ctx.probs = probs
+        ctx.save_for_backward(emb, weight, index, target, cos_t, logit_t, row_max, sum_exp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        emb, weight, index, target, cos_t, logit_t, row_max, sum_exp = ctx.saved_tensors
+        if ctx.probs is None and ctx.keep_probs:
+            raise RuntimeError("PartialFC backward ran twice; retain_graph is not supported")
+        margin, block = ctx.margin, ctx.block
+        n, s_rows = emb.shape[0], index.shape[0]
+        scale = margin.scale
+        owned = target >= 0
+        g = grad_loss.float() / n  # d(mean)/d(row loss), a 0-dim tensor: no host sync
+
+        # d target logit / d cos: the margin's derivative, by autograd on the closed form.
+        with torch.enable_grad():
+            c = cos_t.detach().requires_grad_(True)
+            dmargin, = torch.autograd.grad(margin(c).sum(), c)
+
+        grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device)
+        grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=torch.float32, device=emb.device)
+        for a, b in _block_bounds(s_rows, block):
+            w_b, norm_b = _normalized_rows(weight, index[a:b])
+            in_block = owned & (target >= a) & (target < b)
+            if ctx.keep_probs:
+                dlog = ctx.probs[:, a:b]  # consumed in place: backward runs once
+            else:
+                dlog = torch.matmul(emb, w_b.to(emb.dtype).t()).float().mul_(scale)
+                _put_targets(dlog, target - a, in_block, logit_t)
+                dlog.sub_(row_max.unsqueeze(1)).exp_().div_(sum_exp.unsqueeze(1))
+            # d loss / d cos = s * (p - onehot) * g, and at the target also times margin'(cos).
+            cols = (target - a).clamp(0, b - a - 1)
+            p_t = dlog.gather(1, cols.unsqueeze(1)).squeeze(1)
+            dlog.mul_(g * scale)
+            _put_targets(dlog, target - a, in_block, (p_t - 1.0) * g * scale * dmargin)
+            dlog = dlog.to(emb.dtype)
+            grad_emb.add_(torch.matmul(dlog, w_b.to(emb.dtype)).float())     # (N, D)
+            dw = torch.matmul(dlog.t(), emb).float()                        # (c, D)
+            # Through w / ||w||: (dw - w_hat <w_hat, dw>) / ||w||
+            dw.sub_(w_b * (dw * w_b).sum(1, keepdim=True)).div_(norm_b)
+            grad_rows[a:b] = dw
+            del dlog
+        ctx.probs = None
+
+        if ctx.sparse_grad:
+            grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape,
+                                                  is_coalesced=True, check_invariants=False)
+        else:
+            grad_weight = torch.zeros_like(weight)
+            grad_weight.index_copy_(0, index, grad_rows)
+        return grad_emb.to(emb.dtype), grad_weight, None, None, None, None, None, None, None
+
+
+def sharded_margin_softmax_ce(emb, weight, index, target, margin, group, *, block: int,
+                              keep_probs: bool, sparse_grad: bool) -> torch.Tensor:
+    """Mean margin-softmax cross-entropy over the global batch; see _ShardedMarginSoftmaxCE."""
+    return _ShardedMarginSoftmaxCE.apply(emb, weight, index, target, margin, group, block,
+                                         keep_probs, sparse_grad)

@@ -1,0 +1,201 @@
+"""PartialFC: the model-parallel sampled margin-softmax head.
+
+Each rank owns a contiguous slice of the C class centers (hybrid_fc.partition). One step:
+  1. all-gather the batch sizes and input checks (one tiny collective, one host sync),
+  2. normalize the local embeddings and all-gather them (backward: reduce-scatter),
+  3. all-gather the labels, sample this shard's rows (all local positives + random negatives),
+  4. score against the sampled, normalized centers with the margin on the target logit and a
+     cross-rank log-sum-exp (hybrid_fc.collectives), giving the mean loss of the global batch.
+"""
+import hashlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .collectives import (all_gather_rows, all_gather_varlen, gather_batch_meta, group_rank,
+                          group_size, scale_grad, sharded_margin_softmax_ce)
+from .margins import MarginBase
+from .partition import ClassRange
+from .sampler import num_sample_for, sample_classes
+
+__all__ = ["PartialFC", "init_class_centers"]
+
+_INIT_BLOCK = 1 << 16  # classes per independently seeded init block
+# Logit elements per block when chunk_size is None (64 MB of fp32 temporaries per block).
+_AUTO_BLOCK_ELEMS = 1 << 24
+
+
+def _seed_for(*parts) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0.01) -> torch.Tensor:
+    """Rows [start, end) of a (C, dim) N(0, std^2) matrix that does not depend on the sharding.
+
+    Classes are drawn in blocks of 65,536 with a seed per block, so any rank layout (and a
+    single-process reference) produces the same centers for the same classes.
+    """
+    out = torch.empty(end - start, dim)
+    first, last = start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK
+    for blk in range(first, last + 1):
+        g = torch.Generator().manual_seed(_seed_for("init", seed, blk))
+        lo, hi = blk * _INIT_BLOCK, (blk + 1) * _INIT_BLOCK
+        a, b = max(lo, start), min(hi, end)
+        # Always draw the whole block: torch's normal_ output depends on the tensor's size.
+        rows = torch.empty(_INIT_BLOCK, dim).normal_(0.0, std, generator=g)
+        out[a - start:b - start] = rows[a - lo:b - lo]
+    return out
+
+
+class PartialFC(nn.Module):
+    """Model-parallel Partial FC head (sampled ArcFace/CosFace softmax over sharded classes).
+
+    Args:
+      margin_loss: an ArcFace / CosFace / CombinedMarginLoss (hybrid_fc.margins).
+      embedding_size: D, the embedding width.
+      num_classes: C, all classes over all ranks (>= world size).
+      sample_rate: fraction of each shard's centers scored per step, in (0, 1]; all positives
+        of the global batch are always scored.
+      process_group: the ranks the classes are split over (default: the world, or a single
+        process when torch.distributed is not initialized).
+      sparse_grad: `weight.grad` is a sparse COO tensor over the sampled rows (memory O(S*D);
+        use with hybrid_fc.optim) instead of a dense (num_local, D) tensor (works with any
+        torch optimizer).
+      chunk_size: score the sampled rows in blocks of this many and recompute each block's
+        logits in backward, so the (B*W, S) logits never exist at once (one extra matmul).
+        None keeps the (B*W, S) fp32 probabilities for backward (fastest).
+      seed: seeds the class-center init (independent of the rank layout) and each rank's own
+        sampling stream.
+      check_inputs: verify labels are in [0, C) and embeddings finite, on every rank, as part of
+        the per-step metadata gather (costs one reduction over the inputs).
+
+    Precision: the master weight is fp32. Embeddings in bf16/fp16 make the matmuls run in that
+    precision; normalization of the centers, softmax, loss and gradients are fp32.
+    """
+
+    def __init__(self, margin_loss: MarginBase, embedding_size: int, num_classes: int,
+                 sample_rate: float = 1.0, *, process_group=None, sparse_grad: bool = False,
+                 chunk_size: Optional[int] = None, seed: int = 0, check_inputs: bool = True,
+                 device=None):
+        super().__init__()
+        if not isinstance(margin_loss, MarginBase):
+            raise TypeError("margin_loss must be an ArcFace, CosFace or CombinedMarginLoss "
+                            f"from hybrid_fc.margins, got {type(margin_loss).__name__}")
+        if not isinstance(embedding_size, int) or embedding_size < 1:
+            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.process_group = process_group
+        self.world_size = group_size(process_group)
+        self.rank = group_rank(process_group)
+        if num_classes < self.world_size:
+            raise ValueError(f"num_classes={num_classes} is smaller than the world size "
+                             f"{self.world_size}: every rank must own at least one class")
+        self.margin_loss = margin_loss
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.sample_rate = float(sample_rate)
+        self.sparse_grad = bool(sparse_grad)
+        self.chunk_size = chunk_size
+        self.seed = int(seed)
+        self.check_inputs = bool(check_inputs)
+        self.class_range = ClassRange(num_classes, self.world_size, self.rank)
+        self.class_start = self.class_range.start
+        self.num_local = self.class_range.num_local
+        self.num_sample = num_sample_for(self.sample_rate, self.num_local)
+        weight = init_class_centers(self.class_start, self.class_range.end, embedding_size, seed)
+        self.weight = nn.Parameter(weight.to(device) if device is not None else weight)
+        self._generator: Optional[torch.Generator] = None
+
+    def extra_repr(self):
+        return (f"margin={self.margin_loss}, embedding_size={self.embedding_size}, "
+                f"num_classes={self.num_classes}, classes=[{self.class_start}, "
+                f"{self.class_range.end}) on rank {self.rank}/{self.world_size}, "
+                f"sample_rate={self.sample_rate}, sparse_grad={self.sparse_grad}")
+
+    # -- sampler stream --------------------------------------------------------------------
+    def _stream(self) -> torch.Generator:
+        device = self.weight.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(_seed_for("sampler", self.seed, self.rank))
+        return self._generator
+
+    def rng_state(self) -> dict:
+        """This rank's sampler stream, for checkpoints."""
+        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+                "state": self._stream().get_state()}
+
+    def set_rng_state(self, state: dict) -> None:
+        self._stream().set_state(state["state"])
+
+    # -- forward ---------------------------------------------------------------------------
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError("PartialFC.forward takes (embeddings, labels) tensors")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be (batch, {self.embedding_size}), got "
+                             f"{tuple(embeddings.shape)}")
+        if embeddings.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"embeddings must be a floating tensor, got {embeddings.dtype}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        labels = labels.reshape(-1)
+        if labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {embeddings.shape[0]} embeddings")
+        return labels.long()
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the global batch (same on every rank); inputs are not modified.
+
+        The gradient reaching `local_embeddings` is world_size x d(loss)/d(local_embeddings),
+        so that a data-parallel average of backbone gradients is the exact global gradient.
+        """
+        labels = self._check(local_embeddings, local_labels)
+        device = local_embeddings.device
+        if self.weight.device != device:
+            raise ValueError(f"embeddings are on {device} but the head's weight is on "
+                             f"{self.weight.device}; move the head with .to(device)")
+        group = self.process_group
+
+        meta = [labels.shape[0]]
+        if self.check_inputs:
+            bad_label = ((labels < 0) | (labels >= self.num_classes)).sum()
+            nonfinite = (~torch.isfinite(local_embeddings)).sum()
+            meta = torch.stack([torch.tensor(labels.shape[0], device=device), bad_label.to(device),
+                                nonfinite.to(device)])
+        else:
+            meta = torch.tensor(meta, device=device)
+        metas = gather_batch_meta(meta.long(), group)
+        sizes = [m[0] for m in metas]
+        if self.check_inputs:
+            for r, (_, bad, nonfin) in enumerate(metas):
+                if bad:
+                    raise ValueError(f"rank {r}: {bad} label(s) outside [0, {self.num_classes})")
+                if nonfin:
+                    raise ValueError(f"rank {r}: {nonfin} non-finite (NaN/inf) embedding value(s)")
+        if sum(sizes) == 0:
+            raise ValueError("the global batch is empty")
+
+        # Normalize in fp32, then compute in the input precision. (b, D) -> gathered (N, D)
+        x = scale_grad(local_embeddings, self.world_size)
+        x = F.normalize(x.float(), dim=1, eps=1e-12)
+        if local_embeddings.dtype in (torch.bfloat16, torch.float16):
+            x = x.to(local_embeddings.dtype)
+        emb = all_gather_rows(x, sizes, group)                        # (N, D)
+        glabels = all_gather_varlen(labels, sizes, group)             # (N,)
+
+        with torch.no_grad():
+            index, target = sample_classes(glabels - self.class_start, self.num_local,
+                                           self.num_sample, self._stream())
+        block = self.chunk_size or max(1, _AUTO_BLOCK_ELEMS // emb.shape[0])
+        return sharded_margin_softmax_ce(emb, self.weight, index, target, self.margin_loss, group,
+                                         block=block, keep_probs=self.chunk_size is None,
+                                         sparse_grad=self.sparse_grad)

@@ -1,0 +1,276 @@
+"""PartialFC against a single-process dense float64 reference, on 1-4 gloo ranks."""
+import math
+
+import pytest
+import torch
+
+import hybrid_fc.head as head_mod
+from hybrid_fc import ArcFace, CombinedMarginLoss, CosFace, PartialFC, shard_ranges
+from hybrid_fc.collectives import all_gather_rows, all_gather_varlen, scale_grad
+from hybrid_fc.head import init_class_centers
+from tests._dist import run_world
+from tests.reference import dense_margin_ce
+
+C, D, SEED = 23, 16, 7  # 23 classes split unevenly over 2, 3 and 4 ranks
+BATCHES = {1: [6], 2: [5, 3], 3: [4, 0, 5], 4: [3, 3, 2, 4]}  # a rank may have no samples
+
+MARGINS = {"arc": lambda: ArcFace(64.0, 0.5), "cos": lambda: CosFace(64.0, 0.4),
+           "combined": lambda: CombinedMarginLoss(32.0, 1.0, 0.3, 0.2)}
+
+
+def _global_batch(sizes, seed=123, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    return torch.randn(n, D, generator=g, dtype=dtype), torch.randint(0, C, (n,), generator=g)
+
+
+def _local(x, sizes, rank):
+    off = sum(sizes[:rank])
+    return x[off:off + sizes[rank]]
+
+
+def _dense_reference(emb, labels, margin):
+    e = emb.clone().requires_grad_(True)
+    w = init_class_centers(0, C, D, SEED).double().requires_grad_(True)
+    loss = dense_margin_ce(e, w, labels, margin)
+    loss.backward()
+    return loss.detach(), e.grad, w.grad
+
+
+def _exact_worker(rank, world, configs):
+    sizes = BATCHES[world]
+    emb, labels = _global_batch(sizes)
+    out = []
+    for margin_name, sparse, chunk, auto_block in configs:
+        margin = MARGINS[margin_name]()
+        ref_loss, ref_egrad, ref_wgrad = _dense_reference(emb, labels, margin)
+        head_mod._AUTO_BLOCK_ELEMS = auto_block  # small value: many blocks in the keep-probs path
+        head = PartialFC(margin, D, C, 1.0, sparse_grad=sparse, chunk_size=chunk, seed=SEED)
+        x = _local(emb, sizes, rank).float().clone().requires_grad_(True)
+        y = _local(labels, sizes, rank).clone()
+        x_before, y_before = x.detach().clone(), y.clone()
+        loss = head(x, y)
+        loss.backward()
+        wgrad = head.weight.grad.to_dense() if sparse else head.weight.grad
+        assert head.weight.grad.is_sparse == sparse
+        lo, hi = head.class_start, head.class_start + head.num_local
+        out.append(dict(
+            cfg=(margin_name, sparse, chunk, auto_block), loss=loss.item(), ref_loss=ref_loss.item(),
+            # contract: gradient into local embeddings is world x d(loss)/d(local embeddings)
+            egrad_err=(x.grad.double() - world * _local(ref_egrad, sizes, rank)).abs().max().item()
+            if x.shape[0] else 0.0,
+            egrad_scale=ref_egrad.abs().max().item() * world,
+            wgrad_err=(wgrad.double() - ref_wgrad[lo:hi]).abs().max().item(),
+            wgrad_scale=ref_wgrad.abs().max().item(),
+            unchanged=bool(torch.equal(x.detach(), x_before) and torch.equal(y, y_before)),
+        ))
+    return out
+
+
+EXACT_CONFIGS = [("arc", False, None, 1 << 24), ("arc", True, None, 16 * 4), ("arc", True, 5, 0),
+                 ("cos", False, 3, 0), ("cos", True, None, 1 << 24), ("combined", True, None, 1 << 24)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matches_dense_reference(world):
+    results = run_world(world, _exact_worker, EXACT_CONFIGS)
+    for per_rank in zip(*results):
+        cfg = per_rank[0]["cfg"]
+        # The same loss on every rank: all of them reduce the same all-reduced row statistics.
+        assert len({r["loss"] for r in per_rank}) == 1, (cfg, [r["loss"] for r in per_rank])
+        for r in per_rank:
+            # Tolerance: the head computes logits in fp32 (the reference in float64); logits are
+            # scaled by s=64, so fp32 rounding (~6e-8 relative) of |logit| <= 64 leaves ~1e-5
+            # in the loss and ~1e-5 relative in the gradients.
+            assert abs(r["loss"] - r["ref_loss"]) <= 2e-5 * max(1.0, abs(r["ref_loss"])), (cfg, r)
+            assert r["egrad_err"] <= 1e-4 * max(1e-3, r["egrad_scale"]), (cfg, r)
+            assert r["wgrad_err"] <= 1e-4 * max(1e-3, r["wgrad_scale"]), (cfg, r)
+            assert r["unchanged"], cfg
+
+
+def _sampled_worker(rank, world, sample_rate, margin_name):
+    """Sampled loss and gradients equal a dense reference over exactly the sampled classes."""
+    sizes = BATCHES[world]
+    emb, labels = _global_batch(sizes, seed=5)
+    margin = MARGINS[margin_name]()
+    head = PartialFC(margin, D, C, sample_rate, sparse_grad=True, seed=SEED)
+    full = PartialFC(margin, D, C, 1.0, seed=SEED)
+    x = _local(emb, sizes, rank).float().clone().requires_grad_(True)
+    y = _local(labels, sizes, rank)
+    loss = head(x, y)
+    loss.backward()
+    full_loss = full(x.detach(), y).item()
+    index = head.weight.grad.coalesce().indices()[0]             # the rows this rank scored
+    sampled = all_gather_varlen(index + head.class_start, [0] * 0 or _counts(index, world), None)
+    # Reference: full softmax restricted to the sampled classes, in float64.
+    keep = torch.sort(sampled).values
+    col = {int(c): i for i, c in enumerate(keep)}
+    w_all = init_class_centers(0, C, D, SEED).double()
+    e = emb.clone().requires_grad_(True)
+    w = w_all[keep].clone().requires_grad_(True)
+    ref = dense_margin_ce(e, w, torch.tensor([col[int(l)] for l in labels]), margin)
+    ref.backward()
+    lo = head.class_start
+    mine = (keep >= lo) & (keep < lo + head.num_local)
+    wgrad = head.weight.grad.to_dense()[keep[mine] - lo]
+    untouched = torch.ones(head.num_local, dtype=torch.bool)
+    untouched[index] = False
+    return dict(loss=loss.item(), ref=ref.item(), full=full_loss, n_sampled=len(keep),
+                all_labels_in=bool(all(int(l) in col for l in labels)),
+                egrad_err=(x.grad.double() - world * _local(e.grad, sizes, rank)).abs().max().item()
+                if x.shape[0] else 0.0,
+                wgrad_err=(wgrad.double() - w.grad[mine]).abs().max().item(),
+                scale=max(e.grad.abs().max().item() * world, w.grad.abs().max().item()),
+                untouched_zero=bool(head.weight.grad.to_dense()[untouched].abs().max() == 0)
+                if untouched.any() else True)
+
+
+def _counts(index, world):
+    """Per-rank sample counts (each rank's S differs), gathered with a real collective."""
+    import torch.distributed as dist
+    n = torch.tensor([index.numel()])
+    out = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(out, n)
+    return [int(t) for t in out]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampled_matches_reference_over_sampled_classes(world):
+    for rank_result in run_world(world, _sampled_worker, 0.3, "arc"):
+        r = rank_result
+        assert r["all_labels_in"], r
+        assert r["n_sampled"] < C
+        assert abs(r["loss"] - r["ref"]) <= 2e-5 * max(1.0, r["ref"]), r
+        # Dropping classes removes terms from the log-sum-exp: never above the full loss.
+        assert r["loss"] <= r["full"] + 1e-5, r
+        assert r["egrad_err"] <= 1e-4 * r["scale"] and r["wgrad_err"] <= 1e-4 * r["scale"], r
+        assert r["untouched_zero"]
+
+
+def test_gather_backward_is_reduce_scatter():
+    """all_gather_rows backward alone: rank r gets the sum over ranks of their grads for r's rows."""
+    results = run_world(3, _gather_worker)
+    sizes = [2, 0, 3]
+    coeff = [torch.arange(5 * 4, dtype=torch.float32).reshape(5, 4) * (k + 1) for k in range(3)]
+    total = sum(coeff)
+    for rank, grad in enumerate(results):
+        assert torch.equal(grad, 2.0 * _local(total, sizes, rank))  # 2.0: the scale_grad factor
+
+
+def _gather_worker(rank, world):
+    sizes = [2, 0, 3]
+    x = torch.randn(sizes[rank], 4, requires_grad=True)
+    g = all_gather_rows(scale_grad(x, 2.0), sizes, None)
+    assert g.shape == (5, 4)
+    (g * torch.arange(20, dtype=torch.float32).reshape(5, 4) * (rank + 1)).sum().backward()
+    return x.grad
+
+
+def test_class_split_is_insightface_convention():
+    for c, w in [(23, 4), (10, 10), (1000003, 8), (7, 3)]:
+        ranges = shard_ranges(c, w)
+        assert ranges[0].start == 0 and ranges[-1].end == c
+        for r, cr in enumerate(ranges):
+            assert cr.num_local == c // w + (r < c % w)
+            assert cr.start == c // w * r + min(r, c % w)
+            if r:
+                assert cr.start == ranges[r - 1].end
+
+
+def test_init_does_not_depend_on_sharding():
+    full = init_class_centers(0, 150_000, 4, seed=3)
+    for w in (2, 3, 7):
+        parts = [init_class_centers(cr.start, cr.end, 4, seed=3) for cr in shard_ranges(150_000, w)]
+        assert torch.equal(torch.cat(parts), full)
+
+
+def _bf16_worker(rank, world):
+    sizes = [8, 8]
+    emb, labels = _global_batch(sizes, seed=9)
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        head = PartialFC(ArcFace(64.0, 0.5), D, C, 1.0, seed=SEED)
+        x = _local(emb, sizes, rank).to(dtype).clone().requires_grad_(True)
+        loss = head(x, _local(labels, sizes, rank))
+        loss.backward()
+        assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+        res[str(dtype)] = (loss.item(), x.grad.float(), head.weight.grad.clone())
+    return res
+
+
+def test_bf16_within_tolerance_of_fp32():
+    for r in run_world(2, _bf16_worker):
+        (l32, e32, w32), (l16, e16, w16) = r["torch.float32"], r["torch.bfloat16"]
+        # bf16 keeps 8 mantissa bits: cosines carry ~4e-3 relative error, times s=64 that is
+        # up to ~0.25 per logit; the loss (log-sum-exp, fp32) moves by a few 1e-2 at most.
+        assert abs(l16 - l32) <= 0.03 * max(1.0, abs(l32)), (l16, l32)
+        for a, b in ((e16, e32), (w16, w32)):
+            assert (a - b).norm() <= 0.05 * b.norm(), ((a - b).norm(), b.norm())
+
+
+def test_plain_torch_sgd_works_with_dense_grad():
+    head = PartialFC(ArcFace(), D, C, 1.0, seed=SEED)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    emb, labels = _global_batch([12], seed=1, dtype=torch.float32)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = head(emb, labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_seeded_sampling_is_reproducible_and_keeps_positives():
+    emb, labels = _global_batch([40], seed=2, dtype=torch.float32)
+    runs = []
+    for seed in (11, 11, 12):
+        head = PartialFC(CosFace(), D, 200, 0.1, sparse_grad=True, seed=seed)
+        seen = []
+        for step in range(3):
+            head.weight.grad = None
+            head(emb, (labels * 7 + step) % 200).backward()
+            rows = head.weight.grad.coalesce().indices()[0]
+            assert set(((labels * 7 + step) % 200).tolist()) <= set(rows.tolist())
+            assert rows.numel() == max(20, len(set(((labels * 7 + step) % 200).tolist())))
+            seen.append(rows)
+        runs.append(seen)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_rng_state_round_trip():
+    head = PartialFC(CosFace(), D, 500, 0.1, sparse_grad=True, seed=4)
+    emb, labels = _global_batch([8], seed=2, dtype=torch.float32)
+    head(emb, labels).backward()
+    state = head.rng_state()
+    head.weight.grad = None
+    head(emb, labels).backward()
+    expected = head.weight.grad.coalesce().indices()[0]
+    head.set_rng_state(state)
+    head.weight.grad = None
+    head(emb, labels).backward()
+    assert torch.equal(head.weight.grad.coalesce().indices()[0], expected)
+
+
+def _streams_worker(rank, world):
+    head = PartialFC(CosFace(), D, 1000, 0.05, sparse_grad=True, seed=3)
+    x = torch.randn(4, D)
+    y = torch.tensor([1, 2, 501, 502])  # the same local ids (1, 2) on both shards
+    head(x, y).backward()
+    return head.weight.grad.coalesce().indices()[0]
+
+
+def test_each_rank_draws_its_own_negatives():
+    a, b = run_world(2, _streams_worker)
+    assert a.numel() == b.numel() == 25
+    assert {1, 2} <= set(a.tolist()) and {1, 2} <= set(b.tolist())
+    assert not torch.equal(a, b)  # insightface seeds all ranks alike; we must not
+
+
+def test_positives_overflowing_the_sample_are_all_kept():
+    head = PartialFC(ArcFace(), D, 50, 0.02, sparse_grad=True, seed=0)  # num_sample = 1
+    labels = torch.arange(0, 50, 5)
+    head(torch.randn(10, D), labels).backward()
+    assert head.weight.grad.coalesce().indices()[0].tolist() == labels.tolist()

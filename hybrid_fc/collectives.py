@@ -131,11 +131,10 @@ def _block_bounds(total: int, block: int):
         yield a, min(total, a + block)
 
 
-def _normalized_rows(weight: torch.Tensor, rows: torch.Tensor):
-    """Gather rows of the fp32 master weight and L2-normalize them. (c, D) each."""
+def _rows_and_inv_norm(weight: torch.Tensor, rows: torch.Tensor):
+    """Gather rows of the fp32 master weight: (c, D) raw rows and (c,) 1 / ||row||."""
     w = weight.index_select(0, rows)
-    norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(1e-12)
-    return w.div_(norm), norm
+    return w, torch.linalg.vector_norm(w, dim=1).clamp_min_(1e-12).reciprocal_()
 
 
 def _put_targets(block: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
@@ -147,6 +146,17 @@ def _put_targets(block: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
     return block
 
 
+def _block_logits(emb, w_b, inv_norm_b, scale, target, a, in_block, logit_t):
+    """s * cos for one block of sampled rows, target entries replaced. (N, c) fp32.
+
+    The rows are normalized by scaling the logit columns (N x c) rather than the rows
+    (c x D): one pass fewer over the gathered weights.
+    """
+    logits = torch.matmul(emb, w_b.to(emb.dtype).t()).float()
+    logits.mul_((inv_norm_b * scale).unsqueeze(0))
+    return _put_targets(logits, target - a, in_block, logit_t)
+
+
 class _ShardedMarginSoftmaxCE(torch.autograd.Function):
     """forward: max and sum all-reduces (fp32 log-sum-exp); backward: no collectives.
 
@@ -154,9 +164,10 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
     of this rank's shard, with the margin on each row's target logit, and returns the mean
     cross-entropy over the N rows of the global batch (the same value on every rank).
     Work is done in blocks of `block` sampled rows, so no (S, D) copy of the sampled weights
-    exists. With `keep_probs` the (N, S) fp32 probabilities are kept for backward (three
-    matmuls per step); without it only two (N,) vectors are kept and each block's logits are
-    recomputed in backward (four matmuls, activation memory O(N * block)).
+    exists. With `keep_probs` the exponentials are kept for backward as (N, c) fp32 blocks, each
+    freed once backward has used it (three matmuls per step); without it only (N,) vectors are
+    kept and each block's logits are recomputed in backward (four matmuls, activation memory
+    O(N * block)).
     """
 
     @staticmethod
@@ -168,33 +179,34 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         owned = target >= 0
 
         # Target cosines in fp32 from the master rows (N x D, cheap), margin applied.
-        t_rows = index.index_select(0, target.clamp(min=0))
-        w_t, _ = _normalized_rows(weight, t_rows)
-        cos_t = (emb.float() * w_t).sum(1).clamp_(-1.0, 1.0)  # (N,)
-        logit_t = margin(cos_t) * scale                          # (N,) fp32
+        w_t, inv_t = _rows_and_inv_norm(weight, index.index_select(0, target.clamp(min=0)))
+        cos_t = (emb.float() * w_t).sum(1).mul_(inv_t).clamp_(-1.0, 1.0)  # (N,)
+        logit_t = margin(cos_t) * scale                                    # (N,) fp32
 
         row_max = torch.full((n,), float("-inf"), device=emb.device)
-        probs = torch.empty((n, s_rows), dtype=torch.float32, device=emb.device) if keep_probs else None
+        blocks = []  # keep_probs: (N, c) fp32 logits, then exponentials
         run_sum = None if keep_probs else torch.zeros(n, device=emb.device)
         for a, b in _block_bounds(s_rows, block):
-            w_b, _ = _normalized_rows(weight, index[a:b])
-            logits = torch.matmul(emb, w_b.to(emb.dtype).t()).float().mul_(scale)  # (N, c)
-            _put_targets(logits, target - a, owned & (target >= a) & (target < b), logit_t)
+            w_b, inv_b = _rows_and_inv_norm(weight, index[a:b])
+            in_block = owned & (target >= a) & (target < b)
+            logits = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
+            del w_b
             bmax = logits.amax(dim=1)
             if keep_probs:
-                probs[:, a:b] = logits
+                blocks.append(logits)
                 torch.maximum(row_max, bmax, out=row_max)
             else:  # online log-sum-exp: rescale the running sum to the new max
                 new_max = torch.maximum(row_max, bmax)
                 run_sum.mul_(torch.exp(row_max - new_max)).add_(
-                    torch.exp(logits.sub_(new_max.unsqueeze(1))).sum(1))
+                    logits.sub_(new_max.unsqueeze(1)).exp_().sum(1))
                 row_max = new_max
 
         local_max = row_max
         row_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)  # (N,) global max
         if keep_probs:
-            probs.sub_(row_max.unsqueeze(1)).exp_()
-            local_sum = probs.sum(1)
+            local_sum = torch.zeros(n, device=emb.device)
+            for logits in blocks:
+                local_sum.add_(logits.sub_(row_max.unsqueeze(1)).exp_().sum(1))
         else:
             local_sum = run_sum.mul_(torch.exp(local_max - row_max))
         # One all-reduce for the sum of exponentials and the (single-owner) target logit.
@@ -202,54 +214,59 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         stats = _all_reduce(stats, dist.ReduceOp.SUM, group)
         sum_exp, tgt = stats[:, 0], stats[:, 1]
         loss = (torch.log(sum_exp) + row_max - tgt).mean()
-        if keep_probs:
-            probs.div_(sum_exp.unsqueeze(1))
 
         ctx.margin, ctx.block, ctx.keep_probs, ctx.sparse_grad = margin, block, keep_probs, sparse_grad
-        ctx.probs = probs
+        ctx.blocks = blocks
         ctx.save_for_backward(emb, weight, index, target, cos_t, logit_t, row_max, sum_exp)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         emb, weight, index, target, cos_t, logit_t, row_max, sum_exp = ctx.saved_tensors
-        if ctx.probs is None and ctx.keep_probs:
+        if ctx.blocks is None:
             raise RuntimeError("PartialFC backward ran twice; retain_graph is not supported")
         margin, block = ctx.margin, ctx.block
         n, s_rows = emb.shape[0], index.shape[0]
         scale = margin.scale
         owned = target >= 0
         g = grad_loss.float() / n  # d(mean)/d(row loss), a 0-dim tensor: no host sync
-
-        # d target logit / d cos: the margin's derivative, by autograd on the closed form.
+        # d loss / d logit = (p - onehot) * g with p = exp(l - max) / sum_exp; then times s for
+        # d / d cos, and at the target also times margin'(cos).
+        row_f = (g * scale / sum_exp).unsqueeze(1)                      # (N, 1)
         with torch.enable_grad():
             c = cos_t.detach().requires_grad_(True)
             dmargin, = torch.autograd.grad(margin(c).sum(), c)
-
         grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device)
         grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=torch.float32, device=emb.device)
-        for a, b in _block_bounds(s_rows, block):
-            w_b, norm_b = _normalized_rows(weight, index[a:b])
+        for k, (a, b) in enumerate(_block_bounds(s_rows, block)):
+            w_b, inv_b = _rows_and_inv_norm(weight, index[a:b])
             in_block = owned & (target >= a) & (target < b)
             if ctx.keep_probs:
-                dlog = ctx.probs[:, a:b]  # consumed in place: backward runs once
+                dlog, ctx.blocks[k] = ctx.blocks[k], None  # exp(l - max), consumed in place
             else:
-                dlog = torch.matmul(emb, w_b.to(emb.dtype).t()).float().mul_(scale)
-                _put_targets(dlog, target - a, in_block, logit_t)
-                dlog.sub_(row_max.unsqueeze(1)).exp_().div_(sum_exp.unsqueeze(1))
-            # d loss / d cos = s * (p - onehot) * g, and at the target also times margin'(cos).
+                dlog = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
+                dlog.sub_(row_max.unsqueeze(1)).exp_()
             cols = (target - a).clamp(0, b - a - 1)
-            p_t = dlog.gather(1, cols.unsqueeze(1)).squeeze(1)
-            dlog.mul_(g * scale)
+            p_t = dlog.gather(1, cols.unsqueeze(1)).squeeze(1) / sum_exp
+            dlog.mul_(row_f)
             _put_targets(dlog, target - a, in_block, (p_t - 1.0) * g * scale * dmargin)
+            # dlog is d loss / d cos (N, c). Fold 1/||w|| into its columns: then
+            #   d emb += dlog' @ w_raw                       (N, D)
+            #   A = dlog'^T @ emb = (d loss / d w_hat) / ||w||   (c, D)
+            #   d w = A - w_hat <w_hat, A> = A - w_raw <w_raw, A> / ||w||^2
+            dlog.mul_(inv_b.unsqueeze(0))
             dlog = dlog.to(emb.dtype)
-            grad_emb.add_(torch.matmul(dlog, w_b.to(emb.dtype)).float())     # (N, D)
-            dw = torch.matmul(dlog.t(), emb).float()                        # (c, D)
-            # Through w / ||w||: (dw - w_hat <w_hat, dw>) / ||w||
-            dw.sub_(w_b * (dw * w_b).sum(1, keepdim=True)).div_(norm_b)
-            grad_rows[a:b] = dw
+            grad_emb.add_(torch.matmul(dlog, w_b.to(emb.dtype)))
+            rows = grad_rows[a:b]
+            if emb.dtype == torch.float32:
+                torch.matmul(dlog.t(), emb, out=rows)  # straight into the gradient buffer
+            else:
+                rows.copy_(torch.matmul(dlog.t(), emb))
             del dlog
-        ctx.probs = None
+            coef = torch.linalg.vecdot(w_b, rows, dim=1).mul_(inv_b).mul_(inv_b)  # (c,)
+            rows.addcmul_(w_b, coef.unsqueeze(1), value=-1.0)
+            del w_b
+        ctx.blocks = None
 
         if ctx.sparse_grad:
             grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape,

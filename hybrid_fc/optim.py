@@ -24,7 +24,14 @@ _ROW_BLOCK_ELEMS = 1 << 22  # rows are updated in blocks of ~4M elements (16 MB 
 def _rows_and_values(p: torch.Tensor, grad: torch.Tensor):
     """(rows (R,), values (R, D)); rows unique and sorted. None rows = every row (dense)."""
     if grad.is_sparse:
-        grad = grad.coalesce()  # sums duplicate rows; no-op when already coalesced
+        if not grad.is_coalesced():
+            rows = grad._indices()[0]
+            # PartialFC's rows are sorted and unique but autograd drops the coalesced flag;
+            # checking is one pass over S ints, coalescing would copy the (S, D) values.
+            if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+                grad = grad.coalesce()  # sums duplicate rows
+            else:
+                return rows, grad._values()
         return grad.indices()[0], grad.values()
     if grad.layout != torch.strided:
         raise TypeError(f"unsupported gradient layout {grad.layout}")
@@ -84,20 +91,25 @@ class SparseSGD(torch.optim.Optimizer):
                 width = p[0].numel() if p.dim() else 1
                 for a, b in _blocks(n, width):
                     r = None if rows is None else rows[a:b]
-                    w = p[a:b] if r is None else p.index_select(0, r)       # (c, D) fp32
                     g = values[a:b].to(torch.float32)
-                    if wd:
-                        g = g.add(w, alpha=wd)
+                    if r is None:  # dense gradient: every row, in place, as torch.optim.SGD
+                        w = p[a:b]
+                        if wd:
+                            g = g.add(w, alpha=wd)
+                        if mu:
+                            g = buf[a:b].mul_(mu).add_(g)
+                        w.add_(g, alpha=-lr)
+                        continue
                     if mu:
-                        m = (buf[a:b] if r is None else buf.index_select(0, r)).to(torch.float32)
-                        g = m.mul_(mu).add_(g)
-                        if r is None:
-                            buf[a:b] = g
-                        else:
-                            buf.index_copy_(0, r, g.to(buf.dtype))
-                    w = w.add(g, alpha=-lr) if r is not None else w.add_(g, alpha=-lr)
-                    if r is not None:
-                        p.index_copy_(0, r, w)
+                        m = buf.index_select(0, r).to(torch.float32)           # (c, D)
+                        m.mul_(mu).add_(g)
+                        if wd:
+                            m.add_(p.index_select(0, r), alpha=wd)
+                        buf.index_copy_(0, r, m.to(buf.dtype))
+                        g = m
+                    elif wd:
+                        g = g.add(p.index_select(0, r), alpha=wd)
+                    p.index_add_(0, r, g, alpha=-lr)  # w -= lr * m on the touched rows
         return loss
 
 

@@ -1,0 +1,231 @@
+"""Head benchmark: PartialFC vs an arcface_torch-style head vs the bare matmuls, on W ranks.
+
+    python benchmarks/head_bench.py --classes 4194304 --dim 256 --batch 128 \
+        --sample-rate 0.1 --world-size 2
+
+Runs W ranks (gloo on CPU, NCCL when CUDA is available) three times, in fresh processes so that
+each peak-memory figure is its own: (1) the three matmuls of the sampled shape, (2) PartialFC
+(sparse gradient + SparseSGD), (3) a baseline written here in arcface_torch's style (dense
+Parameter, unique + top-k sampling, autograd gather giving a dense (num_local, D) gradient,
+torch.optim.SGD with momentum over the whole shard). Timings are medians of forward + backward +
+optimizer step; the last printed line is one JSON object.
+"""
+import argparse
+import datetime
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from hybrid_fc import ArcFace, PartialFC  # noqa: E402
+from hybrid_fc.optim import SparseSGD  # noqa: E402
+from hybrid_fc.partition import ClassRange  # noqa: E402
+from hybrid_fc.sampler import num_sample_for  # noqa: E402
+
+
+def _peak_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, args, device):
+    times = []
+    for i in range(args.warmup + args.steps):
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        step(i)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[args.warmup:]) * 1e3
+
+
+def _batch(args, rank, step, device):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(args.batch, args.dim, generator=g).to(device).requires_grad_(True)
+    y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+    return x, y
+
+
+# -- arcface_torch-style baseline (written for this benchmark) -----------------------------------
+class _GatherBaseline(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        r = dist.get_rank()
+        return grad[r * n:(r + 1) * n]
+
+
+def _baseline_loss(weight, x, y, cr, num_sample, scale=64.0, m=0.5):
+    emb = _GatherBaseline.apply(x)
+    labels = torch.cat([torch.empty_like(y) for _ in range(dist.get_world_size())])
+    parts = list(labels.chunk(dist.get_world_size()))
+    dist.all_gather(parts, y)
+    labels = torch.cat(parts)
+    local = labels - cr.start
+    own = (local >= 0) & (local < cr.num_local)
+    with torch.no_grad():  # unique + top-k sampling, as arcface_torch does it
+        positive = torch.unique(local[own], sorted=True)
+        perm = torch.rand(cr.num_local, device=x.device)
+        perm[positive] = 2.0
+        index = torch.topk(perm, k=max(num_sample, positive.numel()))[1].sort()[0]
+        local = torch.where(own, torch.searchsorted(index, local.clamp(0, cr.num_local - 1)), -1)
+    w = weight[index]                                      # autograd gather: dense grad later
+    logits = F.linear(F.normalize(emb), F.normalize(w)).clamp(-1, 1)
+    rows = torch.nonzero(local >= 0).squeeze(1)
+    with torch.no_grad():  # margin under no_grad, as arcface_torch
+        t = logits[rows, local[rows]]
+        logits[rows, local[rows]] = torch.cos(torch.acos(t) + m)
+    logits = logits * scale
+    mx = logits.detach().max(dim=1, keepdim=True)[0]
+    dist.all_reduce(mx, dist.ReduceOp.MAX)
+    e = torch.exp(logits - mx)
+    s = e.sum(dim=1, keepdim=True)
+    dist.all_reduce(s)
+    p = e / s
+    tp = torch.zeros(p.shape[0], device=x.device)
+    tp[rows] = p[rows, local[rows]]
+    total = tp.detach().clone()
+    dist.all_reduce(total)  # every row's target probability, from the rank that owns it
+    return -torch.log((tp + (total - tp).detach()).clamp_min(1e-30)).mean()
+
+
+# -- per-rank phases -----------------------------------------------------------------------------
+def _run_phase(rank, world, port, phase, args, queue):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world) if args.threads == 0 else args.threads)
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+    cr = ClassRange(args.classes, world, rank)
+    num_sample = num_sample_for(args.sample_rate, cr.num_local)
+    n = args.batch * world
+    out = {}
+    if phase == "gemm":
+        e = torch.randn(n, args.dim, device=device)
+        w = torch.randn(num_sample, args.dim, device=device)
+        g = torch.randn(n, num_sample, device=device)
+
+        def step(_):
+            torch.matmul(e, w.t())   # logits          (N, S)
+            torch.matmul(g, w)       # input grad      (N, D)
+            torch.matmul(g.t(), e)   # weight grad     (S, D)
+        out["ms"] = _time_steps(step, args, device)
+    elif phase == "head":
+        state_dtype = getattr(torch, args.momentum_dtype)
+        head = PartialFC(ArcFace(64.0, 0.5), args.dim, args.classes, args.sample_rate,
+                         sparse_grad=True, chunk_size=args.chunk_size, device=device)
+        opt = SparseSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+                        state_dtype=state_dtype)
+
+        def step(i):
+            x, y = _batch(args, rank, i, device)
+            opt.zero_grad(set_to_none=True)
+            head(x, y).backward()
+            opt.step()
+        out["ms"] = _time_steps(step, args, device)
+    else:
+        weight = torch.nn.Parameter(torch.normal(0, 0.01, (cr.num_local, args.dim), device=device))
+        opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+        def step(i):
+            x, y = _batch(args, rank, i, device)
+            opt.zero_grad(set_to_none=False)  # arcface_torch keeps the dense grad buffer
+            _baseline_loss(weight, x, y, cr, num_sample).backward()
+            opt.step()
+        out["ms"] = _time_steps(step, args, device)
+    out["peak_gb"] = _peak_gb(device)
+    out["num_local"], out["num_sample"] = cr.num_local, num_sample
+    queue.put((rank, out))
+    dist.destroy_process_group()
+
+
+def _phase(phase, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_run_phase, args=(r, args.world_size, port, phase, args, queue))
+             for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"phase {phase} failed: exit codes {[p.exitcode for p in procs]}")
+    res = dict(queue.get() for _ in procs)
+    ranked = [res[r] for r in range(args.world_size)]
+    print(f"[{phase}] " + ", ".join(f"rank {r}: {o['ms']:.1f} ms, peak {o['peak_gb']:.2f} GB"
+                                    for r, o in enumerate(ranked)), flush=True)
+    return ranked
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int, default=400_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128, help="per rank")
+    ap.add_argument("--sample-rate", type=float, default=0.1)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="PartialFC chunk_size (recompute path); default keeps probabilities")
+    ap.add_argument("--momentum-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / W)")
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="stay on CPU/gloo even if CUDA is present")
+    args = ap.parse_args(argv)
+
+    gemm = _phase("gemm", args)
+    head = _phase("head", args)
+    base = None if args.skip_baseline else _phase("baseline", args)
+    elems = head[0]["num_local"] * args.dim
+    result = {
+        "classes": args.classes, "dim": args.dim, "batch": args.batch,
+        "sample_rate": args.sample_rate, "world_size": args.world_size,
+        "chunk_size": args.chunk_size, "momentum_dtype": args.momentum_dtype,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu
+        else f"cpu x{os.cpu_count()}",
+        "gemm_limit_ms": round(max(o["ms"] for o in gemm), 2),
+        "head_ms": round(max(o["ms"] for o in head), 2),
+        "peak_rss_gb": round(max(o["peak_gb"] for o in head), 3),
+        "bytes_per_element": round(max(o["peak_gb"] for o in head) * 1e9 / elems, 2),
+    }
+    result["head_over_gemm"] = round(result["head_ms"] / result["gemm_limit_ms"], 3)
+    if base:
+        result["baseline_ms"] = round(max(o["ms"] for o in base), 2)
+        result["baseline_peak_rss_gb"] = round(max(o["peak_gb"] for o in base), 3)
+        result["baseline_bytes_per_element"] = round(result["baseline_peak_rss_gb"] * 1e9 / elems, 2)
+        result["baseline_over_gemm"] = round(result["baseline_ms"] / result["gemm_limit_ms"], 3)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,9 @@ class PartialFC(nn.Module):
         sampling stream.
       check_inputs: verify labels are in [0, C) and embeddings finite, on every rank, as part of
         the per-step metadata gather (costs one reduction over the inputs).
+      equal_batches: promise that every rank passes the same batch size. Together with
+        check_inputs=False this removes the per-step metadata gather, the head's only host
+        sync in forward (on GPUs it waits for the backbone's forward kernels).
 
     Precision: the master weight is fp32. Embeddings in bf16/fp16 make the matmuls run in that
     precision; normalization of the centers, softmax, loss and gradients are fp32.
@@ -79,7 +82,7 @@ class PartialFC(nn.Module):
     def __init__(self, margin_loss: MarginBase, embedding_size: int, num_classes: int,
                  sample_rate: float = 1.0, *, process_group=None, sparse_grad: bool = False,
                  chunk_size: Optional[int] = None, seed: int = 0, check_inputs: bool = True,
-                 device=None):
+                 equal_batches: bool = False, device=None):
         super().__init__()
         if not isinstance(margin_loss, MarginBase):
             raise TypeError("margin_loss must be an ArcFace, CosFace or CombinedMarginLoss "
@@ -106,6 +109,7 @@ class PartialFC(nn.Module):
         self.chunk_size = chunk_size
         self.seed = int(seed)
         self.check_inputs = bool(check_inputs)
+        self.equal_batches = bool(equal_batches)
         self.class_range = ClassRange(num_classes, self.world_size, self.rank)
         self.class_start = self.class_range.start
         self.num_local = self.class_range.num_local
@@ -152,6 +156,28 @@ class PartialFC(nn.Module):
             raise ValueError(f"{labels.shape[0]} labels for {embeddings.shape[0]} embeddings")
         return labels.long()
 
+    def _gather_sizes_and_check(self, embeddings, labels):
+        """Every rank's batch size, and the same ValueError on every rank for bad input anywhere."""
+        device = embeddings.device
+        count = torch.tensor(labels.shape[0], device=device)
+        if self.check_inputs:
+            bad_label = ((labels < 0) | (labels >= self.num_classes)).sum()
+            nonfinite = (~torch.isfinite(embeddings)).sum()
+            meta = torch.stack([count, bad_label.to(device), nonfinite.to(device)])
+        else:
+            meta = count.reshape(1)
+        metas = gather_batch_meta(meta.long(), self.process_group)
+        if self.check_inputs:
+            for r, (_, bad, nonfin) in enumerate(metas):
+                if bad:
+                    raise ValueError(f"rank {r}: {bad} label(s) outside [0, {self.num_classes})")
+                if nonfin:
+                    raise ValueError(f"rank {r}: {nonfin} non-finite (NaN/inf) embedding value(s)")
+        sizes = [m[0] for m in metas]
+        if self.equal_batches and len(set(sizes)) > 1:
+            raise ValueError(f"equal_batches=True but the ranks passed batch sizes {sizes}")
+        return sizes
+
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch (same on every rank); inputs are not modified.
 
@@ -165,22 +191,10 @@ class PartialFC(nn.Module):
                              f"{self.weight.device}; move the head with .to(device)")
         group = self.process_group
 
-        meta = [labels.shape[0]]
-        if self.check_inputs:
-            bad_label = ((labels < 0) | (labels >= self.num_classes)).sum()
-            nonfinite = (~torch.isfinite(local_embeddings)).sum()
-            meta = torch.stack([torch.tensor(labels.shape[0], device=device), bad_label.to(device),
-                                nonfinite.to(device)])
+        if self.equal_batches and not self.check_inputs:
+            sizes = [labels.shape[0]] * self.world_size  # trusted: no collective, no host sync
         else:
-            meta = torch.tensor(meta, device=device)
-        metas = gather_batch_meta(meta.long(), group)
-        sizes = [m[0] for m in metas]
-        if self.check_inputs:
-            for r, (_, bad, nonfin) in enumerate(metas):
-                if bad:
-                    raise ValueError(f"rank {r}: {bad} label(s) outside [0, {self.num_classes})")
-                if nonfin:
-                    raise ValueError(f"rank {r}: {nonfin} non-finite (NaN/inf) embedding value(s)")
+            sizes = self._gather_sizes_and_check(local_embeddings, labels)
         if sum(sizes) == 0:
             raise ValueError("the global batch is empty")
 

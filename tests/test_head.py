@@ -274,3 +274,23 @@ def test_positives_overflowing_the_sample_are_all_kept():
     labels = torch.arange(0, 50, 5)
     head(torch.randn(10, D), labels).backward()
     assert head.weight.grad.coalesce().indices()[0].tolist() == labels.tolist()
+
+
+def _equal_batches_worker(rank, world):
+    emb, labels = _global_batch([4, 4], seed=8, dtype=torch.float32)
+    x, y = _local(emb, [4, 4], rank), _local(labels, [4, 4], rank)
+    losses = []
+    for kw in (dict(), dict(equal_batches=True, check_inputs=False)):
+        head = PartialFC(ArcFace(), D, C, 0.5, seed=SEED, **kw)
+        losses.append(head(x, y).item())
+    try:  # the promise is checked whenever the metadata gather runs
+        PartialFC(ArcFace(), D, C, equal_batches=True)(x[:rank + 1], y[:rank + 1])
+    except ValueError as e:
+        losses.append(str(e))
+    return losses
+
+
+def test_equal_batches_skips_the_metadata_gather_with_the_same_result():
+    for default, trusted, err in run_world(2, _equal_batches_worker):
+        assert default == trusted
+        assert "equal_batches=True but the ranks passed batch sizes [1, 2]" in err

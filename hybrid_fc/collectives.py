@@ -131,10 +131,11 @@ def _block_bounds(total: int, block: int):
         yield a, min(total, a + block)
 
 
-def _rows_and_inv_norm(weight: torch.Tensor, rows: torch.Tensor):
+def _rows_and_inv_norm(weight: torch.Tensor, rows: torch.Tensor, out_inv=None):
     """Gather rows of the fp32 master weight: (c, D) raw rows and (c,) 1 / ||row||."""
     w = weight.index_select(0, rows)
-    return w, torch.linalg.vector_norm(w, dim=1).clamp_min_(1e-12).reciprocal_()
+    inv = torch.linalg.vector_norm(w, dim=1, out=out_inv)
+    return w, inv.clamp_min_(1e-12).reciprocal_()
 
 
 def _put_targets(block: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
@@ -184,10 +185,11 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         logit_t = margin(cos_t) * scale                                    # (N,) fp32
 
         row_max = torch.full((n,), float("-inf"), device=emb.device)
+        inv_norms = torch.empty(s_rows, device=emb.device)  # (S,) kept for backward
         blocks = []  # keep_probs: (N, c) fp32 logits, then exponentials
         run_sum = None if keep_probs else torch.zeros(n, device=emb.device)
         for a, b in _block_bounds(s_rows, block):
-            w_b, inv_b = _rows_and_inv_norm(weight, index[a:b])
+            w_b, inv_b = _rows_and_inv_norm(weight, index[a:b], out_inv=inv_norms[a:b])
             in_block = owned & (target >= a) & (target < b)
             logits = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
             del w_b
@@ -217,12 +219,13 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
 
         ctx.margin, ctx.block, ctx.keep_probs, ctx.sparse_grad = margin, block, keep_probs, sparse_grad
         ctx.blocks = blocks
-        ctx.save_for_backward(emb, weight, index, target, cos_t, logit_t, row_max, sum_exp)
+        ctx.save_for_backward(emb, weight, index, target, cos_t, logit_t, row_max, sum_exp,
+                              inv_norms)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        emb, weight, index, target, cos_t, logit_t, row_max, sum_exp = ctx.saved_tensors
+        emb, weight, index, target, cos_t, logit_t, row_max, sum_exp, inv_norms = ctx.saved_tensors
         if ctx.blocks is None:
             raise RuntimeError("PartialFC backward ran twice; retain_graph is not supported")
         margin, block = ctx.margin, ctx.block
@@ -239,7 +242,7 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device)
         grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=torch.float32, device=emb.device)
         for k, (a, b) in enumerate(_block_bounds(s_rows, block)):
-            w_b, inv_b = _rows_and_inv_norm(weight, index[a:b])
+            w_b, inv_b = weight.index_select(0, index[a:b]), inv_norms[a:b]
             in_block = owned & (target >= a) & (target < b)
             if ctx.keep_probs:
                 dlog, ctx.blocks[k] = ctx.blocks[k], None  # exp(l - max), consumed in place

@@ -1,0 +1,373 @@
+"""Experiment configuration: typed dataclasses, YAML loading and `key=value` overrides.
+
+Ownership (no key has two owners):
+  * The DeepSpeed JSON (`--deepspeed_config`) owns the engine: micro batch size, gradient
+    accumulation, precision (fp16/bf16), ZeRO stage, the backbone's optimizer and its base LR,
+    gradient clipping of the backbone.
+  * This YAML owns everything else: backbone architecture, head, head optimizer, the LR
+    *schedule shape* (applied to the head, and to the backbone as a multiplier of its base LR
+    unless the DeepSpeed JSON has its own "scheduler"), data, steps, logging, checkpoints.
+
+`load_config(path, overrides)` reads the YAML (optionally `base: other.yaml`, merged under it),
+applies `section.key=value` / `key=value` overrides (values parsed as YAML scalars, then checked
+against the field's type) and validates every field.
+"""
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["ModelConfig", "HeadConfig", "HeadOptimConfig", "ScheduleConfig", "DataConfig",
+           "TrainConfig", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict"]
+
+
+def _require(cond: bool, name: str, msg: str, value: Any):
+    if not cond:
+        raise ValueError(f"{name}: {msg}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "iresnet50"
+    """Backbone name: iresnet18/34/50/100, mobilefacenet(_large), iresnet_tiny, mlp, or a timm
+    model name (timm must be installed)."""
+    embedding_size: int = 512
+    """Width D of the embedding the head classifies."""
+    input_size: int = 112
+    """Side of the square input images in pixels (a multiple of 16 for the built-in CNNs)."""
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the backbone constructor (e.g. {dropout: 0.1})."""
+
+    def __post_init__(self):
+        _require(isinstance(self.backbone, str) and self.backbone, "model.backbone",
+                 "must be a non-empty name", self.backbone)
+        _require(self.embedding_size >= 1, "model.embedding_size", "must be >= 1",
+                 self.embedding_size)
+        _require(self.input_size >= 1, "model.input_size", "must be >= 1", self.input_size)
+
+
+@dataclass
+class HeadConfig:
+    num_classes: int = 93431
+    """Number of identity classes C over all ranks (must be >= the number of ranks)."""
+    margin: str = "arcface"
+    """Margin type: arcface (cos(theta + m)), cosface (cos(theta) - m) or combined."""
+    scale: float = 64.0
+    """Logit scale s."""
+    m: float = 0.5
+    """Margin m for arcface / cosface."""
+    combined: Tuple[float, float, float] = (1.0, 0.5, 0.0)
+    """(m1, m2, m3) for the combined margin cos(m1 theta + m2) - m3."""
+    sample_rate: float = 1.0
+    """Fraction of each shard's class centers scored per step, in (0, 1] (Partial FC)."""
+    sparse_grad: bool = False
+    """Sparse (sampled-rows-only) head gradient; requires a sparse_* head optimizer."""
+    chunk_size: Optional[int] = None
+    """Score sampled classes in blocks of this many, recomputing logits in backward (memory)."""
+    seed: int = 0
+    """Seed of the class-center init and the negative sampler."""
+
+    def __post_init__(self):
+        _require(self.num_classes >= 1, "head.num_classes", "must be >= 1", self.num_classes)
+        _require(self.margin in ("arcface", "cosface", "combined"), "head.margin",
+                 "must be arcface, cosface or combined", self.margin)
+        _require(self.scale > 0, "head.scale", "must be > 0", self.scale)
+        _require(0.0 <= self.m < 3.15, "head.m", "must be in [0, pi)", self.m)
+        _require(len(self.combined) == 3, "head.combined", "must be (m1, m2, m3)", self.combined)
+        self.combined = tuple(float(v) for v in self.combined)
+        _require(0.0 < self.sample_rate <= 1.0, "head.sample_rate", "must be in (0, 1]",
+                 self.sample_rate)
+        _require(self.chunk_size is None or self.chunk_size >= 1, "head.chunk_size",
+                 "must be None or >= 1", self.chunk_size)
+
+
+@dataclass
+class HeadOptimConfig:
+    name: str = "sgd"
+    """Head optimizer: sgd, adamw (torch, dense grads) or sparse_sgd, sparse_adamw (row-wise)."""
+    lr: float = 0.1
+    """Peak learning rate of the head (the schedule multiplies it)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """Weight decay of the head's class centers."""
+    betas: Tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 5.0
+    """Clip the head gradient to this global L2 norm across all ranks' shards; 0 disables."""
+
+    def __post_init__(self):
+        _require(self.name in ("sgd", "adamw", "sparse_sgd", "sparse_adamw"), "head_optim.name",
+                 "must be sgd, adamw, sparse_sgd or sparse_adamw", self.name)
+        _require(self.lr > 0, "head_optim.lr", "must be > 0", self.lr)
+        _require(0.0 <= self.momentum < 1.0, "head_optim.momentum", "must be in [0, 1)",
+                 self.momentum)
+        _require(self.weight_decay >= 0, "head_optim.weight_decay", "must be >= 0",
+                 self.weight_decay)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "head_optim.betas",
+                 "must be two values in [0, 1)", self.betas)
+        self.betas = tuple(float(b) for b in self.betas)
+        _require(self.eps > 0, "head_optim.eps", "must be > 0", self.eps)
+        _require(self.max_grad_norm >= 0, "head_optim.max_grad_norm", "must be >= 0",
+                 self.max_grad_norm)
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    decay: str = "poly"
+    """Decay after warmup until train.steps: poly, cosine or constant."""
+    power: float = 2.0
+    """Exponent of the polynomial decay (insightface uses 2)."""
+    min_lr_ratio: float = 0.0
+    """Floor of the multiplier at the end of training, as a fraction of the peak LR."""
+    apply_to_backbone: bool = True
+    """Also scale the backbone's DeepSpeed-configured LR by the same multiplier (refused when
+    the DeepSpeed JSON has its own "scheduler", which would be a second owner)."""
+
+    def __post_init__(self):
+        _require(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0",
+                 self.warmup_steps)
+        _require(self.decay in ("poly", "cosine", "constant"), "schedule.decay",
+                 "must be poly, cosine or constant", self.decay)
+        _require(self.power > 0, "schedule.power", "must be > 0", self.power)
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]",
+                 self.min_lr_ratio)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """synthetic (random images from a fixed per-class mean, no files) or webdataset."""
+    urls: str = ""
+    """WebDataset shard URLs (brace pattern, e.g. data/shard-{000000..000099}.tar)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """WebDataset sample shuffle buffer."""
+    synthetic_noise: float = 0.5
+    """Synthetic source: std of the per-image noise around its class's mean image."""
+
+    def __post_init__(self):
+        _require(self.source in ("synthetic", "webdataset"), "data.source",
+                 "must be synthetic or webdataset", self.source)
+        _require(self.source != "webdataset" or bool(self.urls), "data.urls",
+                 "must be set when data.source is webdataset", self.urls)
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0",
+                 self.shuffle_buffer)
+        _require(self.synthetic_noise >= 0, "data.synthetic_noise", "must be >= 0",
+                 self.synthetic_noise)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for (the engine's global_steps)."""
+    output_dir: str = "runs/default"
+    """Checkpoints and logs go here; a run resumes from its `latest` checkpoint automatically."""
+    log_every: int = 10
+    """Log loss, img/s, lr and loss scale on rank 0 every this many optimizer steps."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many optimizer steps (and at the end); 0: only at the end."""
+    resume: bool = True
+    """Resume from output_dir's latest checkpoint when one exists."""
+    seed: int = 0
+    """Seed of the backbone init and the data order."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to output_dir/tb when tensorboard is installed."""
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "train.steps", "must be >= 1", self.steps)
+        _require(bool(self.output_dir), "train.output_dir", "must be set", self.output_dir)
+        _require(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0",
+                 self.checkpoint_every)
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone architecture."""
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """The Partial FC head."""
+    head_optim: HeadOptimConfig = field(default_factory=HeadOptimConfig)
+    """The head's own optimizer (outside DeepSpeed)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """LR schedule shape, over train.steps."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input pipeline."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop length, logging, checkpoints."""
+
+    def __post_init__(self):
+        _require(self.schedule.warmup_steps <= self.train.steps, "schedule.warmup_steps",
+                 f"must be <= train.steps ({self.train.steps})", self.schedule.warmup_steps)
+        _require(self.head.margin != "arcface" or self.head.m < 3.14159, "head.m",
+                 "arcface margin must be below pi", self.head.m)
+        _require(not self.head.sparse_grad or self.head_optim.name.startswith("sparse_"),
+                 "head.sparse_grad", "needs head_optim.name sparse_sgd or sparse_adamw",
+                 self.head.sparse_grad)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+
+
+# -- type conversion ---------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check / convert a YAML-parsed value to the annotated field type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{name}: expected a string, got {value!r}")
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], name) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"{name}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value] if args else list(value)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"{name}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _hints(cls):
+    return typing.get_type_hints(cls)
+
+
+def _build_section(cls, raw: Dict[str, Any], section: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{section}: expected a mapping of keys, got {raw!r}")
+    hints = _hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                         f"valid keys of {section}: {', '.join(sorted(hints))}")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; valid sections: "
+                         f"{', '.join(_SECTIONS)}")
+    sections = {name: _build_section(_hints(ExperimentConfig)[name], raw.get(name), name)
+                for name in _SECTIONS}
+    return ExperimentConfig(**sections)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> Dict[str, Dict[str, Any]]:
+    """Plain nested dict (tuples as lists), e.g. to save next to a checkpoint."""
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+            for s in _SECTIONS}
+
+
+# -- overrides ---------------------------------------------------------------------------------
+def _resolve_key(key: str) -> Tuple[str, str]:
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise ValueError(f"unknown override {key!r}: no section {section!r} "
+                             f"(sections: {', '.join(_SECTIONS)})")
+        if name not in _hints(_hints(ExperimentConfig)[section]):
+            raise ValueError(f"unknown override {key!r}: {section} has no key {name!r} (keys: "
+                             f"{', '.join(sorted(_hints(_hints(ExperimentConfig)[section])))})")
+        return section, name
+    owners = [s for s in _SECTIONS if key in _hints(_hints(ExperimentConfig)[s])]
+    if not owners:
+        raise ValueError(f"unknown override {key!r}: no section has this key")
+    if len(owners) > 1:
+        raise ValueError(f"ambiguous override {key!r}: write one of "
+                         f"{', '.join(f'{s}.{key}' for s in owners)}")
+    return owners[0], key
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply `section.key=value` or `key=value` (when the key is in one section only) to a raw
+    nested dict. Values are parsed as YAML (so `1e-3`, `true`, `[0.9, 0.99]`, `null` work)."""
+    import yaml
+    out = {s: dict(v or {}) for s, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        section, name = _resolve_key(key.strip())
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: cannot parse value ({exc})") from None
+        if isinstance(value, str) and value.strip() == "":
+            value = text
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _read_yaml(path: str, seen=()) -> Dict[str, Any]:
+    import yaml
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ValueError(f"config {path}: `base:` chain loops back to itself")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: expected a mapping of sections at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config (with `base:` inheritance), apply overrides, validate."""
+    raw = _read_yaml(path) if path else {}
+    return _from_dict(apply_overrides(raw, overrides))

@@ -164,11 +164,11 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
     Scores the gathered, normalized embeddings E (N, D) against the sampled, normalized rows
     of this rank's shard, with the margin on each row's target logit, and returns the mean
     cross-entropy over the N rows of the global batch (the same value on every rank).
-    Work is done in blocks of `block` sampled rows, so no (S, D) copy of the sampled weights
-    exists. With `keep_probs` the exponentials are kept for backward as (N, c) fp32 blocks, each
-    freed once backward has used it (three matmuls per step); without it only (N,) vectors are
-    kept and each block's logits are recomputed in backward (four matmuls, activation memory
-    O(N * block)).
+    Work is done in blocks of `block` sampled rows. With `keep_probs` (the fast path) each
+    block's exponentials (N, c) and gathered rows (c, D) are kept for backward and freed as
+    backward consumes them (three matmuls per step, activation memory O(S * (N + D)));
+    without it only (N,) and (S,) vectors are kept and each block is gathered and its logits
+    recomputed in backward (four matmuls, activation memory O(block * (N + D))).
     """
 
     @staticmethod
@@ -187,15 +187,16 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         row_max = torch.full((n,), float("-inf"), device=emb.device)
         inv_norms = torch.empty(s_rows, device=emb.device)  # (S,) kept for backward
         blocks = []  # keep_probs: (N, c) fp32 logits, then exponentials
+        row_blocks = []  # keep_probs: (c, D) gathered fp32 rows
         run_sum = None if keep_probs else torch.zeros(n, device=emb.device)
         for a, b in _block_bounds(s_rows, block):
             w_b, inv_b = _rows_and_inv_norm(weight, index[a:b], out_inv=inv_norms[a:b])
             in_block = owned & (target >= a) & (target < b)
             logits = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
-            del w_b
             bmax = logits.amax(dim=1)
             if keep_probs:
                 blocks.append(logits)
+                row_blocks.append(w_b)
                 torch.maximum(row_max, bmax, out=row_max)
             else:  # online log-sum-exp: rescale the running sum to the new max
                 new_max = torch.maximum(row_max, bmax)
@@ -218,7 +219,7 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         loss = (torch.log(sum_exp) + row_max - tgt).mean()
 
         ctx.margin, ctx.block, ctx.keep_probs, ctx.sparse_grad = margin, block, keep_probs, sparse_grad
-        ctx.blocks = blocks
+        ctx.blocks, ctx.row_blocks = blocks, row_blocks
         ctx.save_for_backward(emb, weight, index, target, cos_t, logit_t, row_max, sum_exp,
                               inv_norms)
         return loss
@@ -242,11 +243,13 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device)
         grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=torch.float32, device=emb.device)
         for k, (a, b) in enumerate(_block_bounds(s_rows, block)):
-            w_b, inv_b = weight.index_select(0, index[a:b]), inv_norms[a:b]
+            inv_b = inv_norms[a:b]
             in_block = owned & (target >= a) & (target < b)
-            if ctx.keep_probs:
-                dlog, ctx.blocks[k] = ctx.blocks[k], None  # exp(l - max), consumed in place
+            if ctx.keep_probs:  # exp(l - max) and rows from forward, released as we go
+                dlog, ctx.blocks[k] = ctx.blocks[k], None
+                w_b, ctx.row_blocks[k] = ctx.row_blocks[k], None
             else:
+                w_b = weight.index_select(0, index[a:b])
                 dlog = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
                 dlog.sub_(row_max.unsqueeze(1)).exp_()
             cols = (target - a).clamp(0, b - a - 1)
@@ -269,7 +272,7 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             coef = torch.linalg.vecdot(w_b, rows, dim=1).mul_(inv_b).mul_(inv_b)  # (c,)
             rows.addcmul_(w_b, coef.unsqueeze(1), value=-1.0)
             del w_b
-        ctx.blocks = None
+        ctx.blocks = ctx.row_blocks = None
 
         if ctx.sparse_grad:
             grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape,

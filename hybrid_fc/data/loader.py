@@ -1,0 +1,533 @@
+"""Streaming loader: WebDataset shards -> (uint8 images (B, 3, H, W), int64 labels (B,)) per rank.
+
+Guarantees
+* Every rank yields exactly `len(loader)` = num_samples // (world_size * batch_size) batches per
+  epoch, whatever the number of shards, so no rank runs out before the others and hangs the next
+  collective (webdataset #188/#225/#434).
+* Shards are streamed with resampling but without replacement where possible: one infinite
+  stream per epoch made of seeded permutations of all shards, one after the other, dealt
+  round-robin first to ranks (`split_by_rank`), then to each rank's DataLoader workers
+  (`split_by_worker`). Consumers read at the same pace, so an epoch reads each shard about once
+  and no consumer ever lacks shards, even with fewer shards than ranks x workers.
+* Order is a function of (seed, epoch, rank, world_size, num_workers, batch_size,
+  shuffle_buffer, the URL list); it does not depend on timing.
+* `state_dict()` records the epoch, the batches handed out, and how many raw samples each worker
+  stream consumed; a loader restored from it continues the epoch where it stopped (the
+  skipped part is read again but not decoded: cost ~ I/O only).
+* Corrupt samples (undecodable image, bad label) are skipped and counted; a shard that fails
+  mid-way (truncated tar, dropped connection) is counted and the stream moves on. Counts are in
+  `loader.stats` and logged. A missing shard, or a run of shards that all fail, raises ShardError.
+* `check_shards` (run by make_loader on every rank) opens shards before training, so a wrong
+  path, endpoint or credential is an error within seconds, not an endless retry loop.
+"""
+import hashlib
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .decode import fit_size, make_decoder
+from .storage import is_remote, join_url, open_read, read_manifest_text, register_s3_handler
+
+__all__ = ["ShardError", "Manifest", "load_manifest", "check_shards", "make_loader",
+           "ShardLoader", "epoch_shards", "split_by_rank", "split_by_worker"]
+
+log = logging.getLogger(__name__)
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be opened or read; the message names the URL(s)."""
+
+
+# --- manifest --------------------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    urls: List[str]
+    num_samples: Optional[int] = None
+    num_classes: Optional[int] = None
+    counts: Optional[List[int]] = None
+
+
+def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str] = None
+                  ) -> Manifest:
+    """Shard URLs (+ sample and class counts when known) from:
+    a manifest.json path/URL, a directory or s3:// prefix holding manifest.json, a brace pattern
+    (`dir/shard-{000000..000099}.tar`), or a list of URLs.
+    url_template: e.g. "pipe:aws s3 cp {url} -" rewrites every URL (reading through a command).
+    """
+    if isinstance(source, (list, tuple)):
+        m = Manifest(list(source))
+    else:
+        src = str(source)
+        if src.endswith(".json"):
+            murl = src
+        elif src.endswith("/") or (not is_remote(src) and not src.startswith("pipe:")
+                                   and not src.endswith(".tar") and "{" not in src):
+            murl = join_url(src, "manifest.json")
+        else:
+            murl = None
+        if murl is None:
+            m = Manifest(wds.shardlists.expand_urls(src))
+        else:
+            try:
+                data = json.loads(read_manifest_text(murl))
+            except FileNotFoundError:
+                raise ShardError(f"no manifest at {murl}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ShardError(f"{murl} is not a JSON manifest: {e}") from None
+            for k in ("shards", "num_samples"):
+                if k not in data:
+                    raise ShardError(f"{murl}: manifest has no {k!r} field")
+            base = murl.rsplit("/", 1)[0] if "/" in murl else "."
+            m = Manifest([join_url(base, s["url"]) for s in data["shards"]],
+                         int(data["num_samples"]), data.get("num_classes"),
+                         [int(s["count"]) for s in data["shards"]])
+    if not m.urls:
+        raise ShardError(f"no shard URLs in {source!r}")
+    if url_template:
+        m.urls = [url_template.format(url=u) for u in m.urls]
+    return m
+
+
+# --- pre-flight check ------------------------------------------------------------------------
+
+def _tar_header_ok(block: bytes) -> bool:
+    if len(block) < 512:
+        return False
+    try:
+        stored = int(block[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:512])
+
+
+def _probe(url: str) -> Optional[str]:
+    """None if `url` opens and starts with a valid tar header, else the reason."""
+    try:
+        stream = open_read(url)
+    except Exception as e:  # noqa: BLE001 - reported with the URL
+        return f"{type(e).__name__}: {e}"
+    proc = getattr(stream, "proc", None)  # webdataset Pipe: the command behind a pipe: URL
+    try:
+        block = stream.read(512)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if proc is not None:
+            proc.kill()  # we only wanted the first block; do not wait for the whole shard
+            proc.wait()
+            stream.stream.close()
+        else:
+            stream.close()
+    if not block:
+        status = f" (command exit status {proc.returncode})" if proc is not None else ""
+        return f"read 0 bytes{status}"
+    if not _tar_header_ok(block):
+        return "does not start with a tar header"
+    return None
+
+
+def check_shards(urls: Sequence[str], *, timeout: float = 10.0, max_remote: int = 16,
+                 seed: int = 0):
+    """Raise ShardError unless the shards can be opened.
+
+    Local paths: every file must exist (one stat each); the first 512 bytes of up to
+    `max_remote` of them must be a tar header. Remote URLs (s3://, pipe:, http): up to
+    `max_remote` of them (first, last, a seeded sample of the rest) are opened and their first
+    block read, in parallel threads, each within `timeout` seconds.
+    """
+    local = [u for u in urls if not is_remote(u) and not u.startswith("pipe:")]
+    missing = [u for u in local if not __import__("os").path.isfile(u.replace("file://", ""))]
+    if missing:
+        raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+    rest = list(urls)
+    picks = [rest[0], rest[-1]] + random.Random(seed).sample(rest, min(len(rest), max_remote))
+    picks = list(dict.fromkeys(picks))[:max_remote]
+    results = {}
+
+    def run(u):
+        results[u] = _probe(u)
+
+    # daemon threads: a probe that hangs (unreachable endpoint) must not keep the process alive
+    threads = [threading.Thread(target=run, args=(u,), daemon=True) for u in picks]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    bad = {u: results.get(u, f"no answer within {timeout:g}s") for u in picks
+           if results.get(u, "timeout") is not None}
+    if bad:
+        lines = "\n".join(f"  {u}: {why}" for u, why in list(bad.items())[:5])
+        raise ShardError(f"{len(bad)} of {len(picks)} checked shards cannot be read:\n{lines}\n"
+                         "For s3:// check AWS_ENDPOINT_URL / credentials on this node.")
+
+
+# --- pipeline stages (run in the DataLoader workers) -------------------------------------------
+
+def _seed(*parts) -> int:
+    """A 64-bit seed from any tuple of ints/strings, stable across processes and runs."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def epoch_shards(urls: Sequence[str], seed: int, epoch: int) -> Iterator[str]:
+    """Infinite stream: a seeded permutation of all URLs, then another, ... (per epoch)."""
+    for p in itertools.count():
+        order = list(urls)
+        random.Random(_seed(seed, epoch, p)).shuffle(order)
+        yield from order
+
+
+def split_by_rank(src: Iterator, rank: int, world_size: int) -> Iterator:
+    """Node split, stated explicitly: rank r takes items r, r + W, r + 2W, ..."""
+    return itertools.islice(src, rank, None, world_size)
+
+
+def split_by_worker(src: Iterator, worker: int, num_workers: int) -> Iterator:
+    """Worker split within a rank: worker w takes items w, w + N, ..."""
+    return itertools.islice(src, worker, None, num_workers)
+
+
+@dataclass
+class StreamStats:
+    """Counters of one worker stream (cumulative over the epoch, including a resumed part)."""
+    raw_samples: int = 0
+    """Samples taken out of the shuffle buffer (decoded or skipped)."""
+    corrupt_samples: int = 0
+    shard_errors: int = 0
+    errors: List[str] = field(default_factory=list)  # the first few messages, for the log
+
+
+def _note(stats: StreamStats, msg: str):
+    if len(stats.errors) < 5:
+        stats.errors.append(msg)
+        log.warning(msg)
+
+
+def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8
+                ) -> Iterator[dict]:
+    """Open each URL and yield its samples as {"__key__", "__url__", ext: bytes}.
+
+    A shard that breaks mid-way is counted and skipped. A missing file raises at once; any
+    other failure raises once `max_failures` shards in a row produced nothing (an unreachable
+    store must stop training, not spin).
+    """
+    failed_in_row = []
+    for url in urls:
+        n, error = 0, None
+        try:
+            stream = open_read(url)
+        except FileNotFoundError as e:
+            raise ShardError(f"shard {url} does not exist ({e})") from None
+        except Exception as e:  # noqa: BLE001 - classified below
+            stream, error = None, e
+        if stream is not None:
+            try:
+                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+                for sample in group_by_keys(files):
+                    n += 1
+                    yield sample
+            except Exception as e:  # noqa: BLE001 - truncated tar, read error, pipe exit status
+                error = e
+            finally:
+                try:
+                    stream.close()
+                except Exception as e:  # noqa: BLE001 - webdataset Pipe raises the exit status
+                    error = error or e
+        if error is not None:
+            stats.shard_errors += 1
+            _note(stats, f"shard {url}: {type(error).__name__}: {error} (after {n} samples)")
+        if error is not None and n == 0:
+            failed_in_row.append(f"{url}: {type(error).__name__}: {error}")
+            if len(failed_in_row) >= max_failures:
+                raise ShardError(f"{len(failed_in_row)} shards in a row could not be read:\n  "
+                                 + "\n  ".join(failed_in_row[-3:]))
+        else:
+            failed_in_row = []
+
+
+def _skip(src: Iterator, n: int, stats: StreamStats) -> Iterator:
+    """Resume: drop the first n raw samples (already trained on) without decoding them."""
+    for _ in itertools.islice(src, n):
+        stats.raw_samples += 1
+    return src
+
+
+def _alloc(shape: Tuple[int, ...], dtype) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        # in a worker: allocate in shared memory so sending the batch to the main process does
+        # not copy it again (what torch's default collate does too)
+        t.share_memory_()
+    return t
+
+
+def decode_batches(samples: Iterator[dict], batch_size: int, stats: StreamStats, worker: int,
+                   decoder: str = "auto", image_size: Optional[Tuple[int, int]] = None,
+                   num_classes: Optional[int] = None) -> Iterator[tuple]:
+    """Decode samples into (uint8 (B, 3, H, W), int64 (B,), info) batches; skip corrupt ones.
+
+    The images are written NHWC (what decoders produce) and returned as a (B, 3, H, W) view of
+    that memory, i.e. channels_last strides: no transpose copy in the worker.
+    """
+    decode = make_decoder(decoder)
+    images = labels = None
+    i = 0
+    for s in samples:
+        stats.raw_samples += 1
+        data = s.get("jpg", s.get("jpeg", s.get("png")))
+        try:
+            if data is None:
+                raise ValueError(f"no jpg/png member (has {sorted(k for k in s if k[0] != '_')})")
+            label = int(s["cls"])
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                raise ValueError(f"label {label} outside [0, {num_classes})")
+            rgb = decode(data)
+            if rgb.ndim != 3 or rgb.shape[2] != 3:
+                raise ValueError(f"decoded shape {rgb.shape}")
+        except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and counted
+            stats.corrupt_samples += 1
+            _note(stats, f"corrupt sample {s.get('__key__')} in {s.get('__url__')}: "
+                         f"{type(e).__name__}: {e}")
+            continue
+        if image_size is None:
+            image_size = rgb.shape[:2]
+        if images is None:
+            images = _alloc((batch_size, *image_size, 3), torch.uint8)
+            labels = _alloc((batch_size,), torch.int64)
+        images[i].numpy()[...] = fit_size(rgb, image_size)
+        labels[i] = label
+        i += 1
+        if i == batch_size:
+            info = {"worker": worker, "raw": stats.raw_samples, "corrupt": stats.corrupt_samples,
+                    "shard_errors": stats.shard_errors}
+            yield images.permute(0, 3, 1, 2), labels, info
+            images = labels = None
+            i = 0
+
+
+class _RankStream(torch.utils.data.IterableDataset):
+    """One rank's batches for the rest of one epoch; each DataLoader worker builds its own
+    webdataset pipeline. Plain data only, so it pickles for spawn-started workers too."""
+
+    def __init__(self, cfg: dict, rotation: int, remaining: List[int], skip: List[int],
+                 carried: List[dict]):
+        super().__init__()
+        self.cfg, self.rotation, self.remaining, self.skip = cfg, rotation, remaining, skip
+        self.carried = carried  # counters each logical worker had reached before a resume
+
+    def __iter__(self):
+        c = self.cfg
+        info = torch.utils.data.get_worker_info()
+        nw = c["num_workers_logical"]
+        # physical worker w plays logical worker (w + rotation) % nw, so that after a resume
+        # the DataLoader's round-robin starts with the worker that owns the next batch
+        worker = ((info.id if info else 0) + self.rotation) % nw
+        if c["register_s3"]:
+            register_s3_handler()
+        carried = self.carried[worker]
+        stats = StreamStats(corrupt_samples=carried.get("corrupt", 0),
+                            shard_errors=carried.get("shard_errors", 0))
+        stages = [
+            lambda: epoch_shards(c["urls"], c["seed"], c["epoch"]),
+            partial(split_by_rank, rank=c["rank"], world_size=c["world_size"]),
+            partial(split_by_worker, worker=worker, num_workers=nw),
+            partial(read_shards, stats=stats, max_failures=c["max_failures"]),
+        ]
+        if c["shuffle_buffer"] > 1:
+            rng = random.Random(_seed(c["seed"], c["epoch"], c["rank"], worker, "shuffle"))
+            stages.append(wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"], rng=rng))
+        stages += [
+            partial(_skip, n=self.skip[worker], stats=stats),
+            partial(decode_batches, batch_size=c["batch_size"], stats=stats, worker=worker,
+                    decoder=c["decoder"], image_size=c["image_size"],
+                    num_classes=c["num_classes"]),
+        ]
+        # with_epoch: exactly this worker's share of the rank's batches, then stop
+        return iter(wds.DataPipeline(*stages).with_epoch(self.remaining[worker]))
+
+
+class ShardLoader:
+    """Iterable over one rank's batches; see the module docstring for its guarantees.
+
+    Iterating yields the remaining batches of the current epoch, then advances `epoch`.
+    """
+
+    def __init__(self, manifest: Manifest, batch_size: int, *, rank: int, world_size: int,
+                 num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
+                 epoch: int = 0, samples_per_epoch: Optional[int] = None,
+                 image_size: Optional[Union[int, Tuple[int, int]]] = None,
+                 decoder: str = "auto", pin_memory: bool = False, prefetch_factor: int = 2,
+                 max_failures: int = 8):
+        _check_int("batch_size", batch_size, 1)
+        _check_int("world_size", world_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("shuffle_buffer", shuffle_buffer, 0)
+        _check_int("epoch", epoch, 0)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+        n = samples_per_epoch if samples_per_epoch is not None else manifest.num_samples
+        if n is None:
+            raise ValueError("samples_per_epoch: the epoch length is unknown (no manifest); pass "
+                             "samples_per_epoch")
+        self.batches_per_epoch = n // (world_size * batch_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"batch_size: {n} samples per epoch give no full batch of "
+                             f"{batch_size} on each of {world_size} ranks")
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        self.manifest, self.num_samples = manifest, n
+        self.num_classes = manifest.num_classes
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers = num_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.cfg = dict(urls=list(manifest.urls), seed=seed, rank=rank, world_size=world_size,
+                        num_workers_logical=max(1, num_workers), batch_size=batch_size,
+                        shuffle_buffer=shuffle_buffer, decoder=decoder, image_size=image_size,
+                        num_classes=manifest.num_classes, max_failures=max_failures,
+                        register_s3=any(u.startswith("s3://") for u in manifest.urls))
+        self.epoch, self.batches_done = epoch, 0
+        self._raw = [0] * self.cfg["num_workers_logical"]
+        self._worker_stats = [{} for _ in self._raw]
+        self._stats_before = {"corrupt_samples": 0, "shard_errors": 0}  # earlier epochs
+        self._last_log = 0.0
+        make_decoder(decoder)  # fail here, not in a worker, on an unknown decoder
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def stats(self) -> dict:
+        """corrupt_samples (skipped) and shard_errors (shards that failed mid-way), this run."""
+        out = dict(self._stats_before)
+        for s in self._worker_stats:
+            out["corrupt_samples"] += s.get("corrupt", 0)
+            out["shard_errors"] += s.get("shard_errors", 0)
+        return out
+
+    def _layout(self) -> dict:
+        c = self.cfg
+        return {k: c[k] for k in ("seed", "world_size", "num_workers_logical", "batch_size",
+                                  "shuffle_buffer")} | {"num_urls": len(c["urls"])}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this rank's stream exactly (save one per rank)."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "raw": list(self._raw),
+                "worker_stats": [dict(s) for s in self._worker_stats],
+                "stats_before": dict(self._stats_before), "layout": self._layout()}
+
+    def load_state_dict(self, state: dict):
+        self.epoch = int(state["epoch"])
+        self._stats_before = dict(state.get("stats_before", self._stats_before))
+        if state.get("layout") == self._layout():
+            self.batches_done = int(state["batches_done"])
+            self._raw = list(state["raw"])
+            self._worker_stats = [dict(s) for s in state["worker_stats"]]
+        else:
+            # another world size / worker count / batch size: the exact stream cannot be
+            # reproduced; continue at the same fraction of the epoch with a fresh order
+            frac = state["batches_done"] / max(1, _batches_in(state["layout"], self.num_samples))
+            self.batches_done = min(int(frac * self.batches_per_epoch), self.batches_per_epoch)
+            self._raw = [0] * self.cfg["num_workers_logical"]
+            log.warning("data loader resumed with a different layout (%s -> %s): continuing at "
+                        "batch %d of epoch %d in another sample order", state.get("layout"),
+                        self._layout(), self.batches_done, self.epoch)
+
+    def set_epoch(self, epoch: int):
+        _check_int("epoch", epoch, 0)
+        self.epoch, self.batches_done = epoch, 0
+        self._raw = [0] * self.cfg["num_workers_logical"]
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        total, done = self.batches_per_epoch, self.batches_done
+        if done < total:
+            yield from self._run(total, done)
+        self._end_epoch()
+
+    def _run(self, total: int, done: int):
+        nw = self.cfg["num_workers_logical"]
+        rotation = done % nw
+        share = [total // nw + (w < total % nw) for w in range(nw)]
+        taken = [done // nw + (w < done % nw) for w in range(nw)]
+        # indexed by logical worker; _RankStream maps physical worker ids onto them
+        remaining = [share[w] - taken[w] for w in range(nw)]
+        dataset = _RankStream(dict(self.cfg, epoch=self.epoch), rotation, remaining,
+                              list(self._raw), [dict(s) for s in self._worker_stats])
+        kw = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if self.num_workers > 0:
+            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        for images, labels, info in torch.utils.data.DataLoader(dataset, **kw):
+            w = info["worker"]
+            self._raw[w] = info["raw"]
+            self._worker_stats[w] = {"corrupt": info["corrupt"],
+                                     "shard_errors": info["shard_errors"]}
+            self.batches_done += 1
+            self._maybe_log()
+            yield images, labels
+        if self.batches_done != total:
+            raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after "
+                               f"{self.batches_done} of {total} batches")
+
+    def _maybe_log(self, force: bool = False):
+        s = self.stats
+        if (s["corrupt_samples"] or s["shard_errors"]) and \
+                (force or time.monotonic() - self._last_log > 60):
+            self._last_log = time.monotonic()
+            log.warning("rank %d epoch %d: %d corrupt samples skipped, %d shard read errors so "
+                        "far", self.rank, self.epoch, s["corrupt_samples"], s["shard_errors"])
+
+    def _end_epoch(self):
+        self._maybe_log(force=True)
+        self._stats_before = self.stats
+        self._worker_stats = [{} for _ in self._raw]
+        self.epoch += 1
+        self.batches_done = 0
+        self._raw = [0] * self.cfg["num_workers_logical"]
+
+
+def _batches_in(layout: dict, num_samples: int) -> int:
+    return num_samples // (layout["world_size"] * layout["batch_size"])
+
+
+def _check_int(name: str, value, minimum: int):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def make_loader(source: Union[str, Sequence[str]], batch_size: int, *,
+                rank: Optional[int] = None, world_size: Optional[int] = None,
+                num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0, epoch: int = 0,
+                samples_per_epoch: Optional[int] = None,
+                image_size: Optional[Union[int, Tuple[int, int]]] = None,
+                decoder: str = "auto", url_template: Optional[str] = None, check: bool = True,
+                check_timeout: float = 10.0, pin_memory: bool = False,
+                prefetch_factor: int = 2) -> ShardLoader:
+    """A ShardLoader for this rank. `source`: see load_manifest. rank / world_size default to
+    torch.distributed's when it is initialized, else 0 / 1 (pass them explicitly under a
+    launcher that splits data differently). check: open shards first (check_shards)."""
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
+        world_size = world_size if world_size is not None else (
+            dist.get_world_size() if initialized else 1)
+    manifest = load_manifest(source, url_template)
+    if any(u.startswith("s3://") for u in manifest.urls):
+        register_s3_handler()
+    if check:
+        check_shards(manifest.urls, timeout=check_timeout, seed=seed)
+    return ShardLoader(manifest, batch_size, rank=rank, world_size=world_size,
+                       num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
+                       epoch=epoch, samples_per_epoch=samples_per_epoch, image_size=image_size,
+                       decoder=decoder, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

@@ -1,0 +1,268 @@
+"""Sample sources for the shard writer: insightface RecordIO, an image folder, a list file.
+
+Every source enumerates its samples in one deterministic order (index 0 .. num_samples-1), which
+is what makes the conversion resumable: shard i always holds the same indices. The main
+process only plans (counts, labels where they are cheap); `iter_indices` runs in the writer's
+worker processes and streams one sample at a time.
+"""
+import os
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from .recordio import RecordIOError, RecordIOFile, label_to_int, read_index, unpack_record
+
+__all__ = ["Source", "RecordIOSource", "FolderSource", "ListSource", "open_source",
+           "SourceError", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class SourceError(ValueError):
+    """Bad input to the converter; the message names the file, line or record."""
+
+
+class Source:
+    """Base class: `num_samples`, `iter_indices` (in workers), a fingerprint for resume checks."""
+
+    kind = "?"
+    num_samples: int = 0
+    known_num_classes: Optional[int] = None  # when the source defines it up front (folders)
+
+    def fingerprint(self) -> dict:
+        """What identifies this source; a resumed conversion must see the same values."""
+        raise NotImplementedError
+
+    def mean_sample_bytes(self) -> float:
+        """Estimate of the encoded image size, for sizing shards."""
+        raise NotImplementedError
+
+    def iter_indices(self, indices: np.ndarray) -> Iterator[Tuple[int, bytes, int]]:
+        """(index, image bytes, label) for the given increasing indices, in that order."""
+        raise NotImplementedError
+
+    def extra_files(self) -> dict:
+        """Small text files to write next to the manifest (name -> content)."""
+        return {}
+
+
+def _stat_mean(paths: List[str]) -> float:
+    sizes = [os.path.getsize(p) for p in paths]
+    return float(np.mean(sizes)) if sizes else 1.0
+
+
+def _evenly(n: int, k: int = 1000) -> List[int]:
+    return sorted(set(np.linspace(0, max(n - 1, 0), min(n, k)).astype(np.int64).tolist()))
+
+
+class RecordIOSource(Source):
+    """insightface `train.rec` + `train.idx`, either layout (see recordio.py)."""
+
+    kind = "recordio"
+
+    def __init__(self, directory: str, rec_name: str = "train.rec", idx_name: str = "train.idx"):
+        self.rec_path = os.path.join(directory, rec_name)
+        self.idx_path = os.path.join(directory, idx_name)
+        for p in (self.rec_path, self.idx_path):
+            if not os.path.isfile(p):
+                raise SourceError(f"RecordIO source {directory!r}: {p} does not exist")
+        try:
+            keys, offsets = read_index(self.idx_path)
+        except RecordIOError as e:
+            raise SourceError(str(e)) from None
+        rec = RecordIOFile(self.rec_path)
+        self.layout, image_keys = "plain", keys
+        if keys.size and keys[0] == 0:
+            try:
+                header, image = unpack_record(rec.read_at(int(offsets[0]), 0))
+            except RecordIOError as e:
+                raise SourceError(f"{self.rec_path}: record key 0: {e}") from None
+            # insightface's rule is "flag > 0 at key 0"; an empty image part makes it certain
+            # that record 0 is the header and not an image with an array label.
+            if header.flag > 0 and len(image) == 0:
+                first_id = int(header.label[0])
+                self.layout = "header"
+                image_keys = np.arange(1, first_id, dtype=np.int64)
+                pos = np.searchsorted(keys, image_keys)
+                missing = (pos >= keys.size) | (keys[np.minimum(pos, keys.size - 1)] != image_keys)
+                if missing.any():
+                    raise SourceError(f"{self.idx_path}: header record 0 says images are keys 1.."
+                                      f"{first_id - 1}, but key {int(image_keys[missing][0])} is "
+                                      f"not in the index")
+                if header.flag > 1 and int(header.label[1]) > first_id:
+                    self.known_num_classes = int(header.label[1]) - first_id
+        rec.close()
+        self.rec = rec
+        pos = np.searchsorted(keys, image_keys)
+        self.keys = image_keys
+        self.offsets = offsets[pos]
+        # record sizes from the gaps between sorted offsets (exact up to padding)
+        all_sorted = np.sort(np.append(offsets, os.path.getsize(self.rec_path)))
+        nxt = all_sorted[np.searchsorted(all_sorted, self.offsets, side="right")]
+        self._sizes = nxt - self.offsets
+        self.num_samples = int(image_keys.size)
+
+    def fingerprint(self):
+        return {"kind": self.kind, "path": os.path.abspath(self.rec_path), "layout": self.layout,
+                "num_samples": self.num_samples, "rec_bytes": os.path.getsize(self.rec_path)}
+
+    def mean_sample_bytes(self):
+        return float(self._sizes.mean()) if self.num_samples else 1.0
+
+    def iter_indices(self, indices):
+        for i in indices.tolist():
+            key = int(self.keys[i])
+            try:
+                label, image = self.rec.read_image(int(self.offsets[i]), key)
+            except ValueError as e:
+                raise SourceError(str(e)) from None
+            yield i, image, label
+
+
+class FolderSource(Source):
+    """`root/<identity>/<image>`: label = position of the identity folder in sorted name order.
+
+    The main process lists only the identity folders and counts their images; each worker
+    re-lists just the folders its shard touches (same sort), so memory stays O(identities),
+    not O(images). A folder that changes during the conversion is an error.
+    """
+
+    kind = "folder"
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise SourceError(f"image folder {root!r} does not exist")
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise SourceError(f"image folder {root!r} has no identity sub-folders")
+        counts = np.array([len(self._list(c)) for c in self.classes], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # first index of each class
+        self.num_samples = int(self.starts[-1])
+        self.known_num_classes = len(self.classes)
+        if self.num_samples == 0:
+            raise SourceError(f"image folder {root!r} has no {'/'.join(IMAGE_EXTENSIONS)} images")
+
+    def _list(self, cls: str) -> List[str]:
+        d = os.path.join(self.root, cls)
+        return sorted(e.name for e in os.scandir(d)
+                      if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+    def fingerprint(self):
+        return {"kind": self.kind, "path": os.path.abspath(self.root),
+                "num_samples": self.num_samples, "num_classes": len(self.classes)}
+
+    def mean_sample_bytes(self):
+        picks = _evenly(self.num_samples)
+        paths = []
+        for i in picks:
+            c = int(np.searchsorted(self.starts, i, side="right")) - 1
+            names = self._list(self.classes[c])
+            paths.append(os.path.join(self.root, self.classes[c], names[i - self.starts[c]]))
+        return _stat_mean(paths)
+
+    def iter_indices(self, indices):
+        c, names = -1, []
+        for i in indices.tolist():
+            if c < 0 or not self.starts[c] <= i < self.starts[c + 1]:
+                c = int(np.searchsorted(self.starts, i, side="right")) - 1
+                names = self._list(self.classes[c])
+                expected = int(self.starts[c + 1] - self.starts[c])
+                if len(names) != expected:
+                    raise SourceError(f"{os.path.join(self.root, self.classes[c])}: held "
+                                      f"{expected} images when the conversion was planned, now "
+                                      f"{len(names)}")
+            path = os.path.join(self.root, self.classes[c], names[i - int(self.starts[c])])
+            yield i, _read_file(path), c
+
+    def extra_files(self):
+        return {"classes.txt": "".join(f"{c}\n" for c in self.classes)}
+
+
+class ListSource(Source):
+    """A text file of `path label` lines (path relative to the list file, or absolute).
+
+    The path is everything before the last whitespace, so paths may contain spaces. The main
+    process validates every label and keeps only each line's byte offset (8 bytes per sample).
+    """
+
+    kind = "list"
+
+    def __init__(self, list_path: str):
+        if not os.path.isfile(list_path):
+            raise SourceError(f"list file {list_path!r} does not exist")
+        self.list_path = list_path
+        self.base = os.path.dirname(os.path.abspath(list_path))
+        offsets, max_label, pos = [], -1, 0
+        with open(list_path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.strip()
+                if line and not line.startswith(b"#"):
+                    parts = line.rsplit(None, 1)
+                    where = f"{list_path}:{lineno}"
+                    if len(parts) != 2:
+                        raise SourceError(f"{where}: expected `path label`, got {line[:200]!r}")
+                    try:
+                        label = label_to_int(parts[1].decode(), where)
+                    except ValueError as e:
+                        raise SourceError(str(e)) from None
+                    max_label = max(max_label, label)
+                    offsets.append(pos)
+                pos += len(raw)
+        if not offsets:
+            raise SourceError(f"list file {list_path!r} has no `path label` lines")
+        self.offsets = np.array(offsets, dtype=np.int64)
+        self.num_samples = len(offsets)
+        self.known_num_classes = max_label + 1
+
+    def _resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.base, path)
+
+    def fingerprint(self):
+        return {"kind": self.kind, "path": os.path.abspath(self.list_path),
+                "num_samples": self.num_samples, "list_bytes": os.path.getsize(self.list_path)}
+
+    def _lines(self, indices):
+        with open(self.list_path, "rb") as f:
+            for i in indices:
+                f.seek(int(self.offsets[i]))  # increasing offsets: a forward scan, buffered
+                path, label = f.readline().strip().rsplit(None, 1)
+                yield i, path.decode(), int(label)
+
+    def mean_sample_bytes(self):
+        paths = []
+        for i in _evenly(self.num_samples):
+            paths.extend(self._resolve(p) for _, p, _ in self._lines([i]))
+        try:
+            return _stat_mean(paths)
+        except OSError as e:
+            raise SourceError(f"{self.list_path}: {e}") from None
+
+    def iter_indices(self, indices):
+        for i, path, label in self._lines(indices.tolist()):
+            yield i, _read_file(self._resolve(path), f"{self.list_path} sample {i}"), label
+
+
+def _read_file(path: str, where: str = "") -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SourceError(f"{where + ': ' if where else ''}cannot read image {path!r}: "
+                          f"{e.strerror or e}") from None
+
+
+def open_source(path: str) -> Source:
+    """The source at `path`: a directory with train.rec + train.idx (RecordIO), another
+    directory (image folder), or a file (list of `path label` lines)."""
+    if not os.path.exists(path):
+        raise SourceError(f"source {path!r} does not exist")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "train.rec")):
+            return RecordIOSource(path)
+        return FolderSource(path)
+    if path.endswith(".rec"):
+        d, name = os.path.split(path)
+        return RecordIOSource(d or ".", name, name[:-4] + ".idx")
+    return ListSource(path)
+

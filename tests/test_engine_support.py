@@ -177,15 +177,17 @@ def dense_reference(steps, world_size, micro, num_classes, centers, head_lr, s, 
                     backbone_lr=0.05, gas=1, head_momentum=0.9, head_wd=5e-4,
                     backbone_clip=0.0, head_clip=0.0):
     """Single process: the same backbone and the full class matrix, on the concatenation of
-    every rank's micro-batches. Returns (losses per optimizer step, backbone state, centers)."""
+    every rank's micro-batches. `world_size` may be a list (one per step: a resumed run).
+    Returns (losses per optimizer step, backbone state, centers)."""
     net = TinyNet()
     w = nn.Parameter(centers.clone())
     opt_b = torch.optim.SGD(net.parameters(), lr=backbone_lr, momentum=0.9, weight_decay=1e-3)
     opt_h = torch.optim.SGD([w], lr=head_lr, momentum=head_momentum, weight_decay=head_wd)
     losses = []
+    sizes = world_size if isinstance(world_size, (list, tuple)) else [world_size] * steps
     for step in range(steps):
         xs, ys = zip(*[batch(step * gas + k, r, micro, num_classes)
-                       for k in range(gas) for r in range(world_size)])
+                       for k in range(gas) for r in range(sizes[step])])
         x, y = torch.cat(xs), torch.cat(ys)
         loss = dense_arcface_loss(net(x), w, y, s, m)
         opt_b.zero_grad()

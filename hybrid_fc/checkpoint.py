@@ -1,0 +1,470 @@
+"""Checkpoints of a HybridEngine that resume at any number of ranks.
+
+Layout of `save_dir/TAG/`:
+  (DeepSpeed's own files)            engine.save_checkpoint: exact same-world-size resume
+  hybrid/head-rank{r:05d}.pt         one per head rank: class range [start, start + num_local),
+                                     fp32 weight rows, head-optimizer state, sampler RNG state
+  hybrid/backbone.pt                 rank 0: world-size-independent backbone state: fp32 master
+                                     weights, buffers and optimizer state keyed by parameter
+                                     name (e.g. SGD momentum_buffer, AdamW exp_avg/exp_avg_sq),
+                                     engine counters, loss scaler, DeepSpeed LR scheduler
+  hybrid/meta.json                   rank 0: format, num_classes, embedding_size, world size,
+                                     class ranges, file list
+  save_dir/latest                    the tag; moved last, by rank 0, after every rank's files
+                                     are complete (a barrier), through a temporary name + rename
+
+Every file goes to `<name>.tmp.<pid>` first and is renamed into place, so a killed writer leaves
+no partial file under a final name, and `latest` still names the previous complete checkpoint
+(DeepSpeed's own `save_checkpoint` lets rank 0 move `latest` without waiting for other ranks'
+files, so it is called with save_latest=False and `latest` is written here).
+
+Resume (`load_checkpoint`): at the same data-parallel size the engine loads its own files; at
+another size the backbone comes from hybrid/backbone.pt through DeepSpeed's full-parameter
+utilities (ZeRO 1/2/3 partitions, bf16 optimizer) and the head rows are cut from the saved
+shards by class range. Both are exact copies of the saved values.
+"""
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "CheckpointMismatch"]
+
+FORMAT = 1
+_META = "meta.json"
+_BACKBONE = "backbone.pt"
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the model it is loaded into (classes, width, parameters)."""
+
+
+def _head_file(rank: int) -> str:
+    return f"head-rank{rank:05d}.pt"
+
+
+# -- small file utilities ----------------------------------------------------------------------
+def _atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(load_dir: str) -> Optional[str]:
+    """The tag named by `load_dir/latest`, or None when there is no complete checkpoint."""
+    path = os.path.join(load_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    return tag or None
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# -- backbone: world-size-independent state -----------------------------------------------------
+def _inner_optimizer(engine):
+    """The torch optimizer that holds the state (inside DeepSpeed's ZeRO/bf16/fp16 wrappers)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _optimized_tensors(engine) -> List[torch.Tensor]:
+    """The tensors the inner optimizer keys its state by: DeepSpeed's flat fp32 partitions under
+    ZeRO/bf16 (ZeRO-3 empties the optimizer's param_groups between steps), else the params."""
+    wrapper = engine.optimizer
+    flats = getattr(wrapper, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if flats is None:
+        flats = getattr(wrapper, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if flats is None:
+        flats = getattr(wrapper, "fp32_groups_flat_partition", None)  # bf16 optimizer
+    if flats is not None:
+        return [f for f in flats if f is not None]
+    return [q for g in _inner_optimizer(engine).param_groups for q in g["params"]]
+
+
+def _state_keys(engine):
+    """(per-element keys, scalar state) of the backbone optimizer, e.g. (['momentum_buffer'], {})
+    for SGD, (['exp_avg', 'exp_avg_sq'], {'step': ...}) for torch AdamW."""
+    inner = _inner_optimizer(engine)
+    elem, scalars = [], {}
+    for q in _optimized_tensors(engine):
+        for key, value in inner.state.get(q, {}).items():
+            if torch.is_tensor(value) and value.shape == q.shape and value.numel() > 1:
+                if key not in elem:
+                    elem.append(key)
+            elif key not in scalars:
+                scalars[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+    return elem, scalars
+
+
+def _is_zero3(p) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _has_hp(p) -> bool:
+    return _is_zero3(p) or hasattr(p, "_hp_mapping")
+
+
+def _full_param(p) -> torch.Tensor:
+    """The full fp32 master value of a backbone parameter (collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    if p.requires_grad and _has_hp(p):
+        return safe_get_full_fp32_param(p).detach().float().cpu().clone()
+    if _is_zero3(p):  # frozen ZeRO-3 parameter: gather its low-precision value
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().cpu().clone()
+    return p.detach().float().cpu().clone()
+
+
+def _full_state(engine, p, key) -> Optional[torch.Tensor]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+    if not p.requires_grad:
+        return None
+    if _has_hp(p):
+        return safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+    value = _inner_optimizer(engine).state.get(p, {}).get(key)
+    return None if value is None else value.detach().float().cpu().clone()
+
+
+def _loss_scaler_state(engine) -> Dict[str, Any]:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None:
+        return {}
+    return {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))}
+
+
+def backbone_state(engine) -> Dict[str, Any]:
+    """Gather the engine's full backbone state on every rank (collective: all ranks call it).
+
+    Cost: one all-reduce per parameter and optimizer-state tensor; the full fp32 values are held
+    on the CPU of every rank while saving (rank 0 writes them)."""
+    elem_keys, scalars = _state_keys(engine)
+    params, state = {}, {}
+    for name, p in engine.module.named_parameters():
+        params[name] = _full_param(p)
+        per = {k: _full_state(engine, p, k) for k in elem_keys}
+        per = {k: v for k, v in per.items() if v is not None}
+        if per:
+            state[name] = per
+    inner = _inner_optimizer(engine)
+    return {
+        "format": FORMAT,
+        "params": params,
+        "requires_grad": {n: p.requires_grad for n, p in engine.module.named_parameters()},
+        "buffers": {n: b.detach().cpu().clone() for n, b in engine.module.named_buffers()},
+        "optimizer": {"class": type(inner).__name__, "elem_keys": elem_keys, "scalars": scalars,
+                      "state": state,
+                      "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                       for g in inner.param_groups]},
+        "counters": {"global_steps": engine.global_steps,
+                     "global_samples": getattr(engine, "global_samples", 0),
+                     "skipped_steps": engine.skipped_steps},
+        "loss_scaler": _loss_scaler_state(engine),
+        "lr_scheduler": (engine.lr_scheduler.state_dict()
+                         if getattr(engine, "lr_scheduler", None) is not None
+                         and hasattr(engine.lr_scheduler, "state_dict") else None),
+        "dp_world_size": engine.dp_world_size,
+    }
+
+
+def _ensure_optimizer_state(engine, elem_keys: List[str], scalars: Dict[str, Any]):
+    """Create the optimizer state that torch optimizers only create at their first step, so it
+    can be filled (a fresh engine has none), and link DeepSpeed's fragment views to it."""
+    inner = _inner_optimizer(engine)
+    for q in _optimized_tensors(engine):
+        st = inner.state[q]
+        for key in elem_keys:
+            if key not in st:
+                st[key] = torch.zeros_like(q)
+        for key, value in scalars.items():
+            if key not in st:
+                st[key] = value.clone().to(q.device) if torch.is_tensor(value) else value
+    _link_optimizer_state(engine)
+
+
+def _link_optimizer_state(engine) -> None:
+    """Point ZeRO-1/2 and bf16-optimizer fragment views at the current optimizer state.
+
+    DeepSpeed links them lazily after its first step; after a load (ours or its own) the state
+    tensors are new, and `safe_get_full_optimizer_state` needs the links before any step."""
+    wrapper = engine.optimizer
+    inner = _inner_optimizer(engine)
+    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state") and any(
+            inner.state.get(q) for q in _optimized_tensors(engine)):
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def _set_lp(p, value: torch.Tensor):
+    """Write a full value into the model (low-precision) parameter on every rank."""
+    if _is_zero3(p):
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if _global_rank() == 0:
+                p.data.copy_(value.to(p.device, p.dtype).view_as(p))
+    else:
+        p.data.copy_(value.to(p.device, p.dtype).view_as(p))
+
+
+def _set_full_hp(p, value: torch.Tensor, key: Optional[str] = None) -> None:
+    """Write a full fp32 value (or optimizer state `key`) into this rank's master partition.
+
+    ZeRO-3 is done here rather than by deepspeed's safe_set_full_* because DeepSpeed 0.19.8
+    narrows the unpadded value at rank x partition size, which fails for the last rank of a
+    padded parameter (16 elements over 3 ranks: partitions of 6)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    if not _is_zero3(p):
+        if key is None:
+            safe_set_full_fp32_param(p, value)
+        else:
+            safe_set_full_optimizer_state(p, value, key)
+        return
+    opt = p._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False,
+                                                optim_state_key=key)
+    start = part.numel() * opt._get_param_partition_rank(p)
+    valid = max(0, min(part.numel(), p.ds_numel - start))
+    flat = value.reshape(-1).to(part.device, part.dtype)
+    part.data.zero_()
+    part.data[:valid].copy_(flat[start:start + valid])
+
+
+def load_backbone_state(engine, state: Dict[str, Any]) -> None:
+    """Load `backbone_state` output into a (fresh) engine of any data-parallel size (collective)."""
+    named = dict(engine.module.named_parameters())
+    missing, unexpected = sorted(set(named) - set(state["params"])), \
+        sorted(set(state["params"]) - set(named))
+    if missing or unexpected:
+        raise CheckpointMismatch(f"backbone parameters differ from the checkpoint: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}")
+    for name, p in named.items():
+        shape = tuple(p.ds_shape) if _is_zero3(p) else tuple(p.shape)
+        if tuple(state["params"][name].shape) != shape:
+            raise CheckpointMismatch(f"backbone parameter {name}: checkpoint shape "
+                                     f"{tuple(state['params'][name].shape)}, model {shape}")
+    if engine.fp16_enabled() and not any(_has_hp(p) for p in named.values()):
+        raise NotImplementedError("resharding an fp16 engine without ZeRO (stage 0) is not "
+                                  "supported; use ZeRO stage >= 1 or resume at the same size")
+    opt = state["optimizer"]
+    inner = _inner_optimizer(engine)
+    if opt["state"] and type(inner).__name__ != opt["class"]:
+        raise CheckpointMismatch(f"backbone optimizer is {type(inner).__name__} but the "
+                                 f"checkpoint holds {opt['class']} state")
+    if opt["elem_keys"]:
+        _ensure_optimizer_state(engine, opt["elem_keys"], opt["scalars"])
+    for name, p in named.items():
+        value = state["params"][name]
+        if p.requires_grad and _has_hp(p):
+            _set_full_hp(p, value.to(p.device))
+            for key, v in opt["state"].get(name, {}).items():
+                _set_full_hp(p, v.to(p.device), key)
+        elif p.requires_grad:  # no ZeRO, fp32: the parameter is its own master
+            for key, v in opt["state"].get(name, {}).items():
+                inner.state[p][key].copy_(v.to(p.device).view_as(p))
+        _set_lp(p, value)
+    for name, b in engine.module.named_buffers():
+        if name in state["buffers"]:
+            b.data.copy_(state["buffers"][name].to(b.device, b.dtype))
+    for group, saved in zip(inner.param_groups, opt["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k in group})
+    c = state["counters"]
+    engine.global_steps = c["global_steps"]
+    engine.global_samples = c["global_samples"]
+    engine.skipped_steps = c["skipped_steps"]
+    engine.micro_steps = c["global_steps"] * engine.gradient_accumulation_steps()
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None:
+        for k, v in state["loss_scaler"].items():
+            if hasattr(scaler, k):
+                setattr(scaler, k, v)
+    if state["lr_scheduler"] is not None and getattr(engine, "lr_scheduler", None) is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+# -- head shards ---------------------------------------------------------------------------
+def _head_shard(hybrid) -> Dict[str, Any]:
+    head, opt = hybrid.head, hybrid.head_optimizer
+    st = opt.state.get(head.weight, {})
+    rows, scalars = {}, {}
+    for key, value in st.items():
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == head.num_local:
+            rows[key] = value.detach().cpu().clone()
+        else:
+            scalars[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+    return {
+        "format": FORMAT, "num_classes": head.num_classes,
+        "embedding_size": head.embedding_size, "world_size": head.world_size, "rank": head.rank,
+        "class_start": head.class_start, "num_local": head.num_local,
+        "weight": head.weight.detach().cpu().clone(),
+        "optimizer": {"class": type(opt).__name__, "rows": rows, "scalars": scalars,
+                      "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                       for g in opt.param_groups]},
+        "rng": head.rng_state(),
+    }
+
+
+def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> None:
+    head, opt = hybrid.head, hybrid.head_optimizer
+    start, end = head.class_start, head.class_start + head.num_local
+    weight = torch.empty_like(head.weight, device="cpu")
+    rows: Dict[str, torch.Tensor] = {}
+    scalars, groups, opt_class, rng = None, None, None, None
+    filled = 0
+    for r, (s, n) in enumerate(meta["class_ranges"]):
+        lo, hi = max(s, start), min(s + n, end)
+        if lo >= hi:
+            continue
+        shard = torch.load(os.path.join(folder, _head_file(r)), map_location="cpu",
+                           weights_only=False, mmap=True)
+        if (shard["class_start"], shard["num_local"]) != (s, n):
+            raise CheckpointMismatch(f"{_head_file(r)} holds classes [{shard['class_start']}, "
+                                     f"{shard['class_start'] + shard['num_local']}), meta.json "
+                                     f"says [{s}, {s + n})")
+        weight[lo - start:hi - start] = shard["weight"][lo - s:hi - s]
+        for key, value in shard["optimizer"]["rows"].items():
+            if key not in rows:
+                rows[key] = torch.empty((head.num_local,) + tuple(value.shape[1:]),
+                                        dtype=value.dtype)
+            rows[key][lo - start:hi - start] = value[lo - s:hi - s]
+        scalars, groups = shard["optimizer"]["scalars"], shard["optimizer"]["param_groups"]
+        opt_class = shard["optimizer"]["class"]
+        if same_layout:
+            rng = shard["rng"]
+        filled += hi - lo
+    if filled != head.num_local:
+        raise CheckpointMismatch(f"head shards cover {filled} of this rank's {head.num_local} "
+                                 f"classes [{start}, {end})")
+    if type(opt).__name__ != opt_class and (rows or scalars):
+        raise CheckpointMismatch(f"head optimizer is {type(opt).__name__} but the checkpoint "
+                                 f"holds {opt_class} state")
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.device))
+    device = head.weight.device
+    new_state = {k: v.to(device) for k, v in rows.items()}
+    new_state.update({k: (v.clone().to(device) if torch.is_tensor(v) else v)
+                      for k, v in (scalars or {}).items()})
+    if new_state:
+        opt.state[head.weight] = new_state
+    for group, saved in zip(opt.param_groups, groups or []):
+        group.update({k: v for k, v in saved.items() if k in group})
+    if rng is not None:
+        head.set_rng_state(rng)
+    else:
+        # New layout: a fresh sampler stream per rank, distinct from the first run's streams.
+        g = torch.Generator(device=device)
+        key = f"hybrid_fc-resume:{head.seed}:{meta['global_steps']}:{head.rank}".encode()
+        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        head.set_rng_state({"state": g.get_state()})
+
+
+# -- public API ----------------------------------------------------------------------------
+def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
+                    client_state: Optional[Dict[str, Any]] = None) -> str:
+    """Save engine, head shards and the portable backbone state; returns the tag directory.
+
+    Collective: every rank calls it. `latest` moves only after every rank's files exist."""
+    engine, head = hybrid.engine, hybrid.head
+    tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
+    folder = os.path.join(save_dir, tag)
+    hfolder = os.path.join(folder, "hybrid")
+    rank = _global_rank()
+    if rank == 0:
+        os.makedirs(hfolder, exist_ok=True)
+    _barrier()
+    os.makedirs(hfolder, exist_ok=True)  # ranks on other nodes with their own filesystem view
+    bstate = backbone_state(engine)                                    # collective
+    if rank == 0:
+        bstate["client_state"] = client_state or {}
+        _atomic_torch_save(bstate, os.path.join(hfolder, _BACKBONE))
+    del bstate
+    _atomic_torch_save(_head_shard(hybrid), os.path.join(hfolder, _head_file(head.rank)))
+    engine.save_checkpoint(save_dir, tag, client_state=client_state or {}, save_latest=False)
+    if rank == 0:
+        meta = {"format": FORMAT, "tag": tag, "num_classes": head.num_classes,
+                "embedding_size": head.embedding_size, "world_size": head.world_size,
+                "dp_world_size": engine.dp_world_size, "global_steps": engine.global_steps,
+                "class_ranges": [[r.start, r.num_local] for r in _ranges(head)],
+                "files": [_BACKBONE] + [_head_file(r) for r in range(head.world_size)]}
+        _atomic_write_text(json.dumps(meta, indent=1), os.path.join(hfolder, _META))
+    _barrier()                                        # every rank's files are complete
+    if rank == 0:
+        _atomic_write_text(tag, os.path.join(save_dir, "latest"))
+    _barrier()
+    return folder
+
+
+def _ranges(head):
+    from .partition import shard_ranges
+    return shard_ranges(head.num_classes, head.world_size)
+
+
+def read_meta(load_dir: str, tag: str) -> Dict[str, Any]:
+    path = os.path.join(load_dir, tag, "hybrid", _META)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {os.path.join(load_dir, tag)} is not a "
+                                "complete hybrid_fc checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
+                    portable: Optional[bool] = None) -> Optional[Dict[str, Any]]:
+    """Restore a checkpoint saved by `save_checkpoint` at any number of ranks.
+
+    Returns the saved client_state, or None when `load_dir` has no checkpoint (fresh start).
+    portable=None uses DeepSpeed's own files at the same data-parallel size and the portable
+    backbone state otherwise; True/False forces one. Collective: every rank calls it."""
+    engine, head = hybrid.engine, hybrid.head
+    tag = tag or latest_tag(load_dir)
+    if tag is None:
+        return None
+    meta = read_meta(load_dir, tag)
+    for field, mine in (("num_classes", head.num_classes),
+                        ("embedding_size", head.embedding_size)):
+        if meta[field] != mine:
+            raise CheckpointMismatch(f"{field}: the checkpoint {os.path.join(load_dir, tag)} "
+                                     f"has {field}={meta[field]} but the head has {mine}")
+    folder = os.path.join(load_dir, tag, "hybrid")
+    same_size = meta["dp_world_size"] == engine.dp_world_size
+    if portable is None:
+        portable = not same_size
+    if not portable and not same_size:
+        raise ValueError(f"the checkpoint was saved at data-parallel size "
+                         f"{meta['dp_world_size']}, the engine has {engine.dp_world_size}: "
+                         "use portable=True (or None)")
+    if portable:
+        bstate = torch.load(os.path.join(folder, _BACKBONE), map_location="cpu",
+                            weights_only=False)
+        load_backbone_state(engine, bstate)
+        client_state = bstate.get("client_state", {})
+        del bstate
+    else:
+        path, client_state = engine.load_checkpoint(load_dir, tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(load_dir, tag)}")
+        _link_optimizer_state(engine)
+    _load_head(hybrid, folder, meta, same_layout=meta["world_size"] == head.world_size)
+    _barrier()
+    return client_state

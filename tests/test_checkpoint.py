@@ -1,0 +1,202 @@
+"""Checkpoints: save at 4 ranks, resume at 3 and at 2 (other ZeRO stages too), exactly.
+
+Resuming must restore head rows by class range, the head optimizer state, the backbone's fp32
+weights and its optimizer state (SGD momentum, AdamW moments) bit for bit, and training must
+go on as if uninterrupted: the 4 -> 3 -> 2 run is compared with the dense reference trained
+straight through on the same batches (tolerance as in test_engine: fp32 summation order).
+"""
+import os
+
+import pytest
+import torch
+
+from test_engine_support import (EMB, batch, dense_reference, ds_config, run_ranks, TinyNet)
+
+S, M, C, MICRO = 16.0, 0.3, 11, 3
+
+
+def _build(world_size, stage, optimizer="SGD", num_classes=C):
+    import deepspeed
+    from hybrid_fc import ArcFace, PartialFC
+    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.optim import SparseAdamW
+    net = TinyNet()
+    cfg = ds_config(stage, micro=MICRO, world_size=world_size, optimizer=optimizer)
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
+    if optimizer == "SGD":
+        head = PartialFC(ArcFace(S, M), EMB, num_classes)
+        opt = torch.optim.SGD(head.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    else:
+        head = PartialFC(ArcFace(S, M), EMB, num_classes, sample_rate=0.5, sparse_grad=True)
+        opt = SparseAdamW(head.parameters(), lr=1e-2)
+    return HybridEngine(engine, head, opt)
+
+
+def _snapshot(hybrid):
+    """Full backbone fp32 weights and optimizer state (DeepSpeed's own gather utilities), and
+    this rank's head rows and head-optimizer state."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    engine = hybrid.engine
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    keys = sorted({k for st in inner.state.values() for k, v in st.items()
+                   if torch.is_tensor(v) and v.numel() > 1})
+    params, state = {}, {}
+    for name, p in engine.module.named_parameters():
+        params[name] = safe_get_full_fp32_param(p).clone()
+        state[name] = {k: safe_get_full_optimizer_state(p, k).clone() for k in keys}
+    head_state = {k: v.clone() for k, v in
+                  hybrid.head_optimizer.state.get(hybrid.head.weight, {}).items()}
+    return dict(params=params, state=state, keys=keys, start=hybrid.head.class_start,
+                weight=hybrid.head.weight.detach().clone(), head_state=head_state,
+                steps=engine.global_steps)
+
+
+def _phase(rank, world_size, stage, ckdir, steps, optimizer="SGD"):
+    from hybrid_fc.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
+    hybrid = _build(world_size, stage, optimizer)
+    client = load_checkpoint(hybrid, ckdir)
+    loaded = _snapshot(hybrid) if client is not None else None
+    first = hybrid.global_steps
+    losses = []
+    for step in range(first, first + steps):
+        losses.append(hybrid.forward_backward(*batch(step, rank, MICRO, C)).item())
+        hybrid.step()
+    saved = _snapshot(hybrid)
+    save_checkpoint(hybrid, ckdir, client_state={"next_step": hybrid.global_steps})
+    errors = []
+    if rank == 0 and client is not None:
+        assert client == {"next_step": first}
+    if client is not None:  # a different number of classes is refused with a clear error
+        for bad in (_build_head_only(hybrid, C + 1), _build_head_only(hybrid, C, EMB + 1)):
+            try:
+                load_checkpoint(bad, ckdir)
+            except CheckpointMismatch as exc:
+                errors.append(str(exc))
+    return dict(loaded=loaded, saved=saved, losses=losses, errors=errors)
+
+
+def _build_head_only(hybrid, num_classes, emb=EMB):
+    from hybrid_fc import ArcFace, PartialFC
+    from hybrid_fc.engine import HybridEngine
+    head = PartialFC(ArcFace(S, M), emb, num_classes)
+    return HybridEngine(hybrid.engine, head, torch.optim.SGD(head.parameters(), lr=0.1))
+
+
+def _gather_head(results, part):
+    starts = [r[part]["start"] for r in results]
+    assert starts == sorted(starts)
+    weight = torch.cat([r[part]["weight"] for r in results])
+    state = {k: torch.cat([r[part]["head_state"][k] for r in results])
+             for k in results[0][part]["head_state"] if results[0][part]["head_state"][k].dim()}
+    return weight, state
+
+
+def _assert_same(before, after):
+    """after (loaded at W') equals before (saved at W): backbone rank 0's, head concatenated."""
+    b0, a0 = before[0]["saved"], after[0]["loaded"]
+    assert a0["steps"] == b0["steps"] and a0["keys"] == b0["keys"] and b0["keys"]
+    for r in after:
+        for name, value in b0["params"].items():
+            assert torch.equal(r["loaded"]["params"][name], value), name
+            for key in b0["keys"]:
+                assert torch.equal(r["loaded"]["state"][name][key], b0["state"][name][key])
+    wb, sb = _gather_head(before, "saved")
+    wa, sa = _gather_head(after, "loaded")
+    assert torch.equal(wa, wb) and sb.keys() == sa.keys() and sb
+    for k in sb:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_4_to_3_to_2_sgd_exact(tmp_path):
+    ck = str(tmp_path / "ck")
+    r4 = run_ranks(4, _phase, 2, ck, 3)            # ZeRO-2 at 4 ranks, 3 steps, save
+    r3 = run_ranks(3, _phase, 3, ck, 2)            # ZeRO-3 at 3 ranks: load, 2 steps, save
+    _assert_same(r4, r3)
+    r2 = run_ranks(2, _phase, 1, ck, 2)            # ZeRO-1 at 2 ranks: load, 2 steps, save
+    _assert_same(r3, r2)
+    with open(os.path.join(ck, "latest")) as f:
+        assert f.read() == "global_step7"
+    for r in (r3, r2):
+        assert len(r[0]["errors"]) == 2
+        assert "num_classes" in r[0]["errors"][0] and "embedding_size" in r[0]["errors"][1]
+    # Training went on as if uninterrupted: the dense reference over the same 7 steps.
+    from hybrid_fc.head import init_class_centers
+    ref_losses, ref_params, ref_centers = dense_reference(
+        7, [4, 4, 4, 3, 3, 2, 2], MICRO, C, init_class_centers(0, C, EMB, 0), 0.2, S, M)
+    losses = r4[0]["losses"] + r3[0]["losses"] + r2[0]["losses"]
+    # fp32, summation order only (see test_engine): relative 1e-5
+    assert max(abs(a - b) / b for a, b in zip(losses, ref_losses)) < 1e-5
+    for name, ref in ref_params.items():
+        assert ((r2[0]["saved"]["params"][name] - ref).norm() / ref.norm()) < 1e-5, name
+    centers = torch.cat([r["saved"]["weight"] for r in r2])
+    assert ((centers - ref_centers).norm() / ref_centers.norm()) < 1e-5
+
+
+def test_resume_adamw_zero3_sparse_head_4_to_2_exact(tmp_path):
+    """AdamW moments (+ step) under ZeRO-3 and the SparseAdamW head's per-row state."""
+    ck = str(tmp_path / "ck")
+    r4 = run_ranks(4, _phase, 3, ck, 2, "AdamW")
+    r2 = run_ranks(2, _phase, 2, ck, 1, "AdamW")
+    _assert_same(r4, r2)
+    assert set(r4[0]["saved"]["keys"]) == {"exp_avg", "exp_avg_sq"}
+    assert set(r2[0]["loaded"]["head_state"]) >= {"exp_avg", "exp_avg_sq", "step"}
+
+
+def _killed_mid_write(rank, world_size, ckdir):
+    """Save at step 2; at step 3 rank 1 dies by SIGKILL halfway through writing its head shard."""
+    import signal
+
+    import hybrid_fc.checkpoint as ckpt
+    hybrid = _build(world_size, 2)
+    for step in range(3):
+        hybrid.forward_backward(*batch(step, rank, MICRO, C))
+        hybrid.step()
+        if step == 1:
+            ckpt.save_checkpoint(hybrid, ckdir)
+            # what was saved, kept outside the checkpoint folder for the test to compare
+            torch.save(_snapshot(hybrid), os.path.join(os.path.dirname(ckdir), f"good{rank}.pt"))
+    if rank == 1:
+        real_save = torch.save
+
+        def dying_save(obj, path, *a, **k):
+            if "head-rank" in str(path):
+                with open(path, "wb") as f:      # a partial file under the temporary name
+                    f.write(b"PK\x03\x04 half a checkpoint")
+                    f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, path, *a, **k)
+        ckpt.torch.save = dying_save
+    ckpt.save_checkpoint(hybrid, ckdir)
+
+
+def _reload(rank, world_size, ckdir):
+    from hybrid_fc.checkpoint import load_checkpoint
+    hybrid = _build(world_size, 2)
+    load_checkpoint(hybrid, ckdir)
+    return _snapshot(hybrid)
+
+
+def test_kill_9_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
+    ck = str(tmp_path / "ck")
+    results, procs = run_ranks(2, _killed_mid_write, ck, allow_dead=True, timeout=120)
+    assert procs[1].exitcode == -9                 # rank 1 really died by SIGKILL
+    assert results[1] is None and results[0] is None  # rank 0's save failed with it
+    with open(os.path.join(ck, "latest")) as f:
+        assert f.read() == "global_step2"           # the marker never moved
+    partial = os.listdir(os.path.join(ck, "global_step3", "hybrid"))
+    # rank 1's shard exists only under its temporary name; no meta.json marks the tag complete
+    assert "head-rank00001.pt" not in partial and "meta.json" not in partial, partial
+    assert any(n.startswith("head-rank00001.pt.tmp.") for n in partial), partial
+    # The previous checkpoint loads exactly what was saved, also at another size (1 rank).
+    from hybrid_fc.checkpoint import latest_tag
+    assert latest_tag(ck) == "global_step2"
+    good = [torch.load(tmp_path / f"good{r}.pt", weights_only=False) for r in range(2)]
+    saved_weight = torch.cat([g["weight"] for g in good])
+    for world_size in (2, 1):
+        after = run_ranks(world_size, _reload, ck)
+        assert torch.equal(torch.cat([r["weight"] for r in after]), saved_weight)
+        assert after[0]["steps"] == 2
+        for name, value in good[0]["params"].items():
+            assert torch.equal(after[0]["params"][name], value), name
+            assert torch.equal(after[0]["state"][name]["momentum_buffer"],
+                               good[0]["state"][name]["momentum_buffer"])

@@ -147,14 +147,23 @@ def _put_targets(block: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
     return block
 
 
-def _block_logits(emb, w_b, inv_norm_b, scale, target, a, in_block, logit_t):
-    """s * cos for one block of sampled rows, target entries replaced. (N, c) fp32.
+def _operand(w_b, inv_b, dtype):
+    """The matmul operand for a block of raw rows, and the logit column factor it needs.
 
-    The rows are normalized by scaling the logit columns (N x c) rather than the rows
-    (c x D): one pass fewer over the gathered weights.
+    Raw rows go in as they are and 1/||w|| scales the (N, c) logit columns, one pass fewer over
+    the (c, D) rows. fp16 is the exception: its narrow exponent range would lose the small
+    elements of low-norm rows, so rows are normalized before the cast.
     """
-    logits = torch.matmul(emb, w_b.to(emb.dtype).t()).float()
-    logits.mul_((inv_norm_b * scale).unsqueeze(0))
+    if dtype == torch.float16:
+        return (w_b * inv_b.unsqueeze(1)).to(dtype), None
+    return w_b.to(dtype), inv_b
+
+
+def _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t):
+    """s * cos for one block of sampled rows, target entries replaced. (N, c) fp32."""
+    op, col = _operand(w_b, inv_b, emb.dtype)
+    logits = torch.matmul(emb, op.t()).float()
+    logits.mul_(scale if col is None else (col * scale).unsqueeze(0))
     return _put_targets(logits, target - a, in_block, logit_t)
 
 
@@ -256,13 +265,17 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             p_t = dlog.gather(1, cols.unsqueeze(1)).squeeze(1) / sum_exp
             dlog.mul_(row_f)
             _put_targets(dlog, target - a, in_block, (p_t - 1.0) * g * scale * dmargin)
-            # dlog is d loss / d cos (N, c). Fold 1/||w|| into its columns: then
-            #   d emb += dlog' @ w_raw                       (N, D)
-            #   A = dlog'^T @ emb = (d loss / d w_hat) / ||w||   (c, D)
-            #   d w = A - w_hat <w_hat, A> = A - w_raw <w_raw, A> / ||w||^2
-            dlog.mul_(inv_b.unsqueeze(0))
+            # dlog is d loss / d cos (N, c). With u = w * k the matmul operand (k = 1 for raw
+            # rows, k = 1/||w|| for fp16's normalized ones) and dlog' = dlog * (1/||w||) / k:
+            #   d emb += dlog' @ u                                    (N, D)
+            #   B = dlog'^T @ emb = (d loss / d w_hat) / (||w|| k)    (c, D)
+            #   d w = k (B - w <w, B> / ||w||^2)
+            op, col = _operand(w_b, inv_b, emb.dtype)
+            if col is not None:
+                dlog.mul_(col.unsqueeze(0))
             dlog = dlog.to(emb.dtype)
-            grad_emb.add_(torch.matmul(dlog, w_b.to(emb.dtype)))
+            grad_emb.add_(torch.matmul(dlog, op))
+            del op
             rows = grad_rows[a:b]
             if emb.dtype == torch.float32:
                 torch.matmul(dlog.t(), emb, out=rows)  # straight into the gradient buffer
@@ -271,6 +284,8 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             del dlog
             coef = torch.linalg.vecdot(w_b, rows, dim=1).mul_(inv_b).mul_(inv_b)  # (c,)
             rows.addcmul_(w_b, coef.unsqueeze(1), value=-1.0)
+            if col is None:
+                rows.mul_(inv_b.unsqueeze(1))
             del w_b
         ctx.blocks = ctx.row_blocks = None
 

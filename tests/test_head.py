@@ -294,3 +294,33 @@ def test_equal_batches_skips_the_metadata_gather_with_the_same_result():
     for default, trusted, err in run_world(2, _equal_batches_worker):
         assert default == trusted
         assert "equal_batches=True but the ranks passed batch sizes [1, 2]" in err
+
+
+def _half_worker(rank, world):
+    """fp16 inputs: the matmuls run in fp16 (rows normalized before the cast), the rest fp32."""
+    sizes = [8, 8]
+    emb, labels = _global_batch(sizes, seed=10)
+    x = _local(emb, sizes, rank)
+    y = _local(labels, sizes, rank)
+    ref_loss, ref_egrad, ref_wgrad = _dense_reference(emb, labels, ArcFace(64.0, 0.5))
+    head = PartialFC(ArcFace(64.0, 0.5), D, C, 1.0, seed=SEED)
+    with torch.no_grad():
+        head.weight.mul_(1e-3)  # rows of norm ~4e-4: elements ~1e-5 sit in fp16's subnormal range
+    xh = x.half().clone().requires_grad_(True)
+    loss = head(xh, y)
+    loss.backward()
+    lo, hi = head.class_start, head.class_start + head.num_local
+    return dict(loss=loss.item(), ref=ref_loss.item(),
+                egrad=(xh.grad.double() - world * _local(ref_egrad, sizes, rank)).norm().item(),
+                egrad_ref=(world * _local(ref_egrad, sizes, rank)).norm().item(),
+                # the reference weight grad is for unit-scale rows: d/dw scales with 1/||w||
+                wgrad=(head.weight.grad.double() * 1e-3 - ref_wgrad[lo:hi]).norm().item(),
+                wgrad_ref=ref_wgrad[lo:hi].norm().item())
+
+
+def test_fp16_within_tolerance_of_dense_reference():
+    for r in run_world(2, _half_worker):
+        # fp16 keeps 11 mantissa bits: ~5e-4 relative per cosine, x s=64 ~0.03 per logit.
+        assert abs(r["loss"] - r["ref"]) <= 0.01 * max(1.0, r["ref"]), r
+        assert r["egrad"] <= 0.02 * r["egrad_ref"], r
+        assert r["wgrad"] <= 0.02 * r["wgrad_ref"], r

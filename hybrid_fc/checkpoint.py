@@ -329,7 +329,7 @@ def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> 
     start, end = head.class_start, head.class_start + head.num_local
     weight = torch.empty_like(head.weight, device="cpu")
     rows: Dict[str, torch.Tensor] = {}
-    scalars, groups, opt_class, rng = None, None, None, None
+    scalars, groups, opt_class, rng, rank_state = None, None, None, None, None
     filled = 0
     for r, (s, n) in enumerate(meta["class_ranges"]):
         lo, hi = max(s, start), min(s + n, end)
@@ -350,7 +350,7 @@ def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> 
         scalars, groups = shard["optimizer"]["scalars"], shard["optimizer"]["param_groups"]
         opt_class = shard["optimizer"]["class"]
         if same_layout:
-            rng = shard["rng"]
+            rng, rank_state = shard["rng"], shard.get("rank_state")
         filled += hi - lo
     if filled != head.num_local:
         raise CheckpointMismatch(f"head shards cover {filled} of this rank's {head.num_local} "
@@ -376,13 +376,18 @@ def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> 
         key = f"hybrid_fc-resume:{head.seed}:{meta['global_steps']}:{head.rank}".encode()
         g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
         head.set_rng_state({"state": g.get_state()})
+    return rank_state
 
 
 # -- public API ----------------------------------------------------------------------------
 def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
-                    client_state: Optional[Dict[str, Any]] = None) -> str:
+                    client_state: Optional[Dict[str, Any]] = None,
+                    rank_state: Any = None) -> str:
     """Save engine, head shards and the portable backbone state; returns the tag directory.
 
+    client_state: one dict for all ranks (rank 0's is kept, as DeepSpeed does).
+    rank_state: this rank's own picklable state (e.g. its data loader position), stored in its
+      head shard and given back on a resume with the same number of ranks.
     Collective: every rank calls it. `latest` moves only after every rank's files exist."""
     engine, head = hybrid.engine, hybrid.head
     tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
@@ -398,7 +403,10 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
         bstate["client_state"] = client_state or {}
         _atomic_torch_save(bstate, os.path.join(hfolder, _BACKBONE))
     del bstate
-    _atomic_torch_save(_head_shard(hybrid), os.path.join(hfolder, _head_file(head.rank)))
+    shard = _head_shard(hybrid)
+    shard["rank_state"] = rank_state
+    _atomic_torch_save(shard, os.path.join(hfolder, _head_file(head.rank)))
+    del shard
     engine.save_checkpoint(save_dir, tag, client_state=client_state or {}, save_latest=False)
     if rank == 0:
         meta = {"format": FORMAT, "tag": tag, "num_classes": head.num_classes,
@@ -432,7 +440,9 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
                     portable: Optional[bool] = None) -> Optional[Dict[str, Any]]:
     """Restore a checkpoint saved by `save_checkpoint` at any number of ranks.
 
-    Returns the saved client_state, or None when `load_dir` has no checkpoint (fresh start).
+    Returns the saved client_state, or None when `load_dir` has no checkpoint (fresh start);
+    its "rank_state" entry is this rank's `rank_state` when the number of ranks is unchanged,
+    else None (a per-rank data position has no meaning at another size).
     portable=None uses DeepSpeed's own files at the same data-parallel size and the portable
     backbone state otherwise; True/False forces one. Collective: every rank calls it."""
     engine, head = hybrid.engine, hybrid.head
@@ -465,6 +475,8 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(load_dir, tag)}")
         _link_optimizer_state(engine)
-    _load_head(hybrid, folder, meta, same_layout=meta["world_size"] == head.world_size)
+    client_state = dict(client_state or {})
+    client_state["rank_state"] = _load_head(hybrid, folder, meta,
+                                            same_layout=meta["world_size"] == head.world_size)
     _barrier()
     return client_state

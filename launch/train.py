@@ -1,0 +1,234 @@
+"""Train a face-recognition / re-ID embedding model: DeepSpeed backbone + Partial FC head.
+
+Single node, N GPUs (or N CPU processes on a machine without GPUs):
+    deepspeed --num_gpus 8 launch/train.py --config launch/configs/base.yaml \\
+        --deepspeed_config ds_configs/zero1_bf16.json  [section.key=value ...]
+
+Several nodes, from the first node (ssh to every host, pdsh installed):
+    hostfile:   node1 slots=8
+                node2 slots=8
+    deepspeed --hostfile hostfile --master_addr node1 --master_port 29500 launch/train.py \\
+        --config launch/configs/glint360k_r100_pfc.yaml --deepspeed_config ds_configs/zero2_bf16.json
+  Environment for the remote ranks goes in `.deepspeed_env` (one VAR=value a line, in the
+  working directory or ~): e.g. NCCL_SOCKET_IFNAME=eth0, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+  AWS_ENDPOINT_URL for s3:// shards (the pdsh path exports only NCCL*, PYTHON*, UCX*, MV2* and
+  MLFLOW* variables by itself).
+
+Several nodes without ssh (a scheduler starts one launcher per node; also two "nodes" on one box):
+    deepspeed --hostfile hostfile --no_ssh --node_rank 0 --master_addr node1 --master_port 29500 \\
+        launch/train.py --config ... --deepspeed_config ...        # on node1
+    deepspeed --hostfile hostfile --no_ssh --node_rank 1 --master_addr node1 --master_port 29500 \\
+        launch/train.py --config ... --deepspeed_config ...        # on node2
+  `.deepspeed_env` is not applied here: export NCCL_SOCKET_IFNAME, AWS_* in each node's shell.
+
+The YAML (hybrid_fc/config.py) owns the model, head, head optimizer, LR schedule shape, data and
+loop; the DeepSpeed JSON owns micro batch, accumulation, precision, ZeRO and the backbone
+optimizer. Every YAML field can be overridden: `head.sample_rate=0.1 train.steps=2000`.
+A run resumes from `train.output_dir/latest` automatically, at any number of ranks.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+logger = logging.getLogger("hybrid_fc.train")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="experiment YAML (hybrid_fc/config.py)")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/)")
+    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the YAML")
+    return p.parse_args(argv)
+
+
+# -- pieces built from the config ------------------------------------------------------------
+def build_margin(cfg):
+    from hybrid_fc import ArcFace, CombinedMarginLoss, CosFace
+    h = cfg.head
+    if h.margin == "arcface":
+        return ArcFace(h.scale, h.m)
+    if h.margin == "cosface":
+        return CosFace(h.scale, h.m)
+    return CombinedMarginLoss(h.scale, *h.combined)
+
+
+def build_head_optimizer(cfg, params):
+    from hybrid_fc.optim import SparseAdamW, SparseSGD
+    o = cfg.head_optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
+                                 weight_decay=o.weight_decay)
+    if o.name == "sparse_sgd":
+        return SparseSGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return SparseAdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def synthetic_batches(cfg, batch_size, rank, seed):
+    """In-memory synthetic identities (no files): class c's images are a fixed random image
+    (seeded by c) plus Gaussian noise of std data.synthetic_noise. Endless, distinct per rank."""
+    size, C = cfg.model.input_size, cfg.head.num_classes
+    g = torch.Generator().manual_seed(seed * 7919 + rank)
+    means = torch.randn(C, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    while True:
+        labels = torch.randint(0, C, (batch_size,), generator=g)
+        noise = torch.randn(batch_size, 3, size, size, generator=g) * cfg.data.synthetic_noise
+        yield means[labels] + noise, labels
+
+
+def webdataset_batches(cfg, batch_size, rank, world_size, rank_state, device):
+    """Shards through hybrid_fc.data's per-rank loader, endless over epochs."""
+    from hybrid_fc.data import augment, make_loader
+    loader = make_loader(cfg.data.urls, batch_size, rank=rank, world_size=world_size,
+                         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                         seed=cfg.train.seed, image_size=cfg.model.input_size)
+    if loader.num_classes is not None and loader.num_classes > cfg.head.num_classes:
+        raise ValueError(f"head.num_classes={cfg.head.num_classes} but the dataset "
+                         f"{cfg.data.urls} has {loader.num_classes} classes")
+    if rank_state is not None:
+        loader.load_state_dict(rank_state)
+
+    def batches():
+        while True:
+            for images, labels in loader:
+                yield augment(images.to(device)), labels.to(device)
+    return loader, batches()
+
+
+class _Log:
+    """Rank 0's progress line (and TensorBoard scalars when tensorboard is installed)."""
+
+    def __init__(self, cfg, rank, images_per_step):
+        self.rank, self.every, self.total = rank, cfg.train.log_every, cfg.train.steps
+        self.images_per_step = images_per_step
+        self.loss_sum, self.count = None, 0
+        self.t0, self.start = time.time(), time.time()
+        self.writer = None
+        if rank == 0 and cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tb"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def add(self, loss):
+        # Keep the sum on the device: no host sync until a log line is printed.
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.count += 1
+
+    def maybe_print(self, hybrid, force=False):
+        step = hybrid.global_steps
+        if self.count == 0 or not (force or step % self.every == 0):
+            return None
+        loss = (self.loss_sum / self.count).item()
+        now = time.time()
+        ips = self.count * self.images_per_step / max(now - self.t0, 1e-9)
+        eta = (self.total - step) * (now - self.start) / max(step, 1)
+        row = dict(step=step, loss=loss, img_s=ips, lr=hybrid.head_lr,
+                   backbone_lr=hybrid.backbone_lr, loss_scale=hybrid.loss_scale,
+                   skipped=hybrid.engine.skipped_steps)
+        if self.rank == 0:
+            print(f"step {step:>7d}/{self.total}  loss {loss:8.4f}  {ips:9.1f} img/s  "
+                  f"lr {row['lr']:.3g} (backbone {row['backbone_lr']:.3g})  "
+                  f"scale {row['loss_scale']:g}  skipped {row['skipped']}  eta {eta / 60:.1f} min",
+                  flush=True)
+            if self.writer is not None:
+                for k in ("loss", "img_s", "lr", "backbone_lr", "loss_scale"):
+                    self.writer.add_scalar(f"train/{k}", row[k], step)
+        self.loss_sum, self.count, self.t0 = None, 0, now
+        return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import deepspeed
+    from hybrid_fc import PartialFC
+    from hybrid_fc.backbones import build_backbone
+    from hybrid_fc.checkpoint import load_checkpoint, save_checkpoint
+    from hybrid_fc.config import config_to_dict, load_config
+    from hybrid_fc.engine import HybridEngine, WarmupDecay
+
+    cfg = load_config(args.config, args.overrides)
+    with open(args.deepspeed_config) as f:
+        ds_cfg = json.load(f)
+    if "scheduler" in ds_cfg and cfg.schedule.apply_to_backbone:
+        raise ValueError("schedule.apply_to_backbone: the DeepSpeed JSON has a \"scheduler\"; "
+                         "set schedule.apply_to_backbone=false or remove it (one owner per key)")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    deepspeed.init_distributed()
+    import torch.distributed as dist
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+    torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
+    backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size,
+                              input_size=cfg.model.input_size, **cfg.model.backbone_kwargs)
+    engine, *_ = deepspeed.initialize(
+        model=backbone, config=ds_cfg,
+        model_parameters=[p for p in backbone.parameters() if p.requires_grad])
+    device = next(engine.module.parameters()).device
+    head = PartialFC(build_margin(cfg), cfg.model.embedding_size, cfg.head.num_classes,
+                     cfg.head.sample_rate, sparse_grad=cfg.head.sparse_grad,
+                     chunk_size=cfg.head.chunk_size, seed=cfg.head.seed, device=device)
+    schedule = WarmupDecay(cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.decay,
+                           cfg.schedule.power, cfg.schedule.min_lr_ratio)
+    hybrid = HybridEngine(engine, head, build_head_optimizer(cfg, head.parameters()),
+                          lr_schedule=schedule, schedule_backbone=cfg.schedule.apply_to_backbone,
+                          max_grad_norm=cfg.head_optim.max_grad_norm)
+
+    out = cfg.train.output_dir
+    resumed = load_checkpoint(hybrid, out) if cfg.train.resume else None
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"experiment": config_to_dict(cfg), "deepspeed": ds_cfg}, f, indent=1)
+        where = (f"resumed at step {hybrid.global_steps} from {out}" if resumed is not None
+                 else "fresh start")
+        print(f"hybrid_fc: {world_size} ranks, {cfg.model.backbone}, {cfg.head.num_classes} "
+              f"classes, {head.num_local} on rank 0; {where}", flush=True)
+
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    loader = None
+    if cfg.data.source == "synthetic":
+        batches = synthetic_batches(cfg, micro, rank, cfg.train.seed + hybrid.global_steps)
+    else:
+        rank_state = (resumed or {}).get("rank_state")
+        loader, batches = webdataset_batches(cfg, micro, rank, world_size, rank_state, device)
+
+    log = _Log(cfg, rank, micro * gas * world_size)
+    last_saved = hybrid.global_steps if resumed is not None else -1
+    hybrid.train()
+    while hybrid.global_steps < cfg.train.steps:
+        for _ in range(gas):
+            images, labels = next(batches)
+            loss = hybrid.forward_backward(images.to(device), labels.to(device))
+            hybrid.step()
+            log.add(loss)
+        log.maybe_print(hybrid)
+        step = hybrid.global_steps
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
+                            rank_state=loader.state_dict() if loader is not None else None)
+            last_saved = step
+    log.maybe_print(hybrid, force=True)
+    if last_saved != hybrid.global_steps:
+        save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
+                        rank_state=loader.state_dict() if loader is not None else None)
+    if rank == 0:
+        print(f"hybrid_fc: done at step {hybrid.global_steps}; checkpoint "
+              f"{os.path.join(out, open(os.path.join(out, 'latest')).read())}", flush=True)
+    return hybrid
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

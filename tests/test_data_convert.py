@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid_fc.data import SourceError, convert, encode_jpeg, make_synthetic, synthetic_image
+from hybrid_fc.data import SourceError, convert, encode_jpeg, synthetic_image
 from hybrid_fc.data.shards import stable_permutation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -34,9 +35,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from .decode import fit_size, make_decoder
+from .tario import iter_tar
 from .storage import is_remote, join_url, open_read, read_manifest_text, register_s3_handler
 
 __all__ = ["ShardError", "Manifest", "load_manifest", "check_shards", "make_loader",
@@ -138,17 +140,18 @@ def _probe(url: str) -> Optional[str]:
     return None
 
 
-def check_shards(urls: Sequence[str], *, timeout: float = 10.0, max_remote: int = 16,
+def check_shards(urls: Sequence[str], *, timeout: float = 10.0, max_remote: int = 4,
                  seed: int = 0):
     """Raise ShardError unless the shards can be opened.
 
-    Local paths: every file must exist (one stat each); the first 512 bytes of up to
-    `max_remote` of them must be a tar header. Remote URLs (s3://, pipe:, http): up to
-    `max_remote` of them (first, last, a seeded sample of the rest) are opened and their first
-    block read, in parallel threads, each within `timeout` seconds.
+    Every local path must exist (one stat each). Then up to `max_remote` shards (first, last, a
+    seeded sample of the rest) are opened in parallel threads and their first 512 bytes must be
+    a tar header, each within `timeout` seconds. That catches a wrong path, endpoint, bucket or
+    credential before training; kept small because a pipe: URL starts a process (`aws` ~1 s).
+    A shard missing beyond the sample raises when the stream reaches it.
     """
     local = [u for u in urls if not is_remote(u) and not u.startswith("pipe:")]
-    missing = [u for u in local if not __import__("os").path.isfile(u.replace("file://", ""))]
+    missing = [u for u in local if not os.path.isfile(u.replace("file://", ""))]
     if missing:
         raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
     rest = list(urls)
@@ -233,18 +236,20 @@ def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8
         except Exception as e:  # noqa: BLE001 - classified below
             stream, error = None, e
         if stream is not None:
+            abandoned = False
             try:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+                files = (dict(fname=name, data=data, __url__=url)
+                         for name, data in iter_tar(stream))
                 for sample in group_by_keys(files):
                     n += 1
                     yield sample
+            except GeneratorExit:  # the epoch ended mid-shard
+                abandoned = True
+                raise
             except Exception as e:  # noqa: BLE001 - truncated tar, read error, pipe exit status
                 error = e
             finally:
-                try:
-                    stream.close()
-                except Exception as e:  # noqa: BLE001 - webdataset Pipe raises the exit status
-                    error = error or e
+                error = _close(stream, abandoned) or error
         if error is not None:
             stats.shard_errors += 1
             _note(stats, f"shard {url}: {type(error).__name__}: {error} (after {n} samples)")
@@ -255,6 +260,23 @@ def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8
                                  + "\n  ".join(failed_in_row[-3:]))
         else:
             failed_in_row = []
+
+
+def _close(stream, abandoned: bool) -> Optional[Exception]:
+    """Close a shard stream; returns the error a pipe command's exit status reports. An
+    abandoned pipe: command is killed rather than waited for (a CLI such as `aws s3 cp` may
+    take seconds to notice its reader is gone)."""
+    proc = getattr(stream, "proc", None)
+    try:
+        if abandoned and proc is not None:
+            proc.kill()
+            proc.wait()
+            stream.stream.close()
+        else:
+            stream.close()
+    except Exception as e:  # noqa: BLE001 - webdataset Pipe raises the exit status here
+        return e
+    return None
 
 
 def _skip(src: Iterator, n: int, stats: StreamStats) -> Iterator:
@@ -467,14 +489,22 @@ class ShardLoader:
         kw = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        for images, labels, info in torch.utils.data.DataLoader(dataset, **kw):
-            w = info["worker"]
-            self._raw[w] = info["raw"]
-            self._worker_stats[w] = {"corrupt": info["corrupt"],
-                                     "shard_errors": info["shard_errors"]}
-            self.batches_done += 1
-            self._maybe_log()
-            yield images, labels
+        batches = iter(torch.utils.data.DataLoader(dataset, **kw))
+        try:
+            for images, labels, info in batches:
+                w = info["worker"]
+                self._raw[w] = info["raw"]
+                self._worker_stats[w] = {"corrupt": info["corrupt"],
+                                         "shard_errors": info["shard_errors"]}
+                self.batches_done += 1
+                self._maybe_log()
+                yield images, labels
+        finally:
+            # stop the workers now: left to garbage collection (e.g. a traceback keeping the
+            # iterator alive after an error) torch's shutdown waits 5 s per worker
+            stop = getattr(batches, "_shutdown_workers", None)
+            if stop is not None:
+                stop()
         if self.batches_done != total:
             raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after "
                                f"{self.batches_done} of {total} batches")

@@ -81,23 +81,19 @@ class OutputDir:
         self.url = url.rstrip("/") if is_remote(url) else url
         self.remote = is_remote(url)
         if self.remote:
-            self.fs = _s3fs() if url.startswith("s3://") else __import__("fsspec").filesystem(
-                url.split("://")[0])
             self.staging = tempfile.mkdtemp(prefix="hybrid_fc_shards_", dir=staging_dir)
         else:
             os.makedirs(url, exist_ok=True)
             self.staging = url
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("fs", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self.remote:
-            self.fs = _s3fs() if self.url.startswith("s3://") else __import__("fsspec").filesystem(
-                self.url.split("://")[0])
+    @property
+    def fs(self):
+        """The fsspec filesystem, looked up on every use: fsspec caches one instance per process,
+        and an instance made before a fork must not be used in the child."""
+        if self.url.startswith("s3://"):
+            return _s3fs()
+        import fsspec
+        return fsspec.filesystem(self.url.split("://")[0])
 
     def path(self, name: str) -> str:
         return join_url(self.url, name)

@@ -68,6 +68,19 @@ class WarmupDecay:
                 f"decay={self.decay!r}, power={self.power}, min_ratio={self.min_ratio})")
 
 
+def _check_batchnorm_dtypes(module) -> None:
+    """DeepSpeed >= 0.18 casts parameters but not buffers to bf16/fp16 unless the JSON says
+    `"data_types": {"buffer_dtype": ...}`; BatchNorm then fails mid-forward. Say so up front."""
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None \
+                and m.running_mean is not None and m.running_mean.dtype != m.weight.dtype:
+            kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(m.weight.dtype, "fp32")
+            raise ValueError(f"BatchNorm {name or type(m).__name__} has {m.weight.dtype} weights "
+                             f"but {m.running_mean.dtype} running statistics: add "
+                             f"\"data_types\": {{\"buffer_dtype\": \"{kind}\"}} to the DeepSpeed "
+                             "config (as in ds_configs/)")
+
+
 class HybridEngine:
     """Drives a DeepSpeed engine (backbone) and a PartialFC head (outside it) as one model.
 
@@ -129,6 +142,7 @@ class HybridEngine:
             self.compute_dtype = torch.float16
         else:
             self.compute_dtype = torch.float32
+        _check_batchnorm_dtypes(engine.module)
 
     # -- properties for logging ------------------------------------------------------------
     @property

@@ -1,0 +1,95 @@
+"""launch/train.py through the real `deepspeed` launcher (deepspeed.launcher.runner, what the
+`deepspeed` command runs): two "nodes" on this machine with --no_ssh --node_rank, writing
+WebDataset shards made by hybrid_fc.data first; then a resume on one node at another size."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from hybrid_fc.data import make_synthetic
+    out = tmp_path_factory.mktemp("data") / "syn"
+    make_synthetic(str(out), 24, 16, size=16, seed=0, samples_per_shard=100)
+    return str(out)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _train_args(tmp_path, dataset, steps):
+    ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+          "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+          "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+          "gradient_clipping": 5.0, "steps_per_print": 10**9}
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds))
+    return [os.path.join(ROOT, "launch", "train.py"),
+            "--config", os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
+            "--deepspeed_config", str(ds_path),
+            "model.input_size=16", "head.num_classes=24", f"data.urls={dataset}",
+            "data.num_workers=0", "data.shuffle_buffer=50", f"train.steps={steps}",
+            "train.log_every=2", "train.checkpoint_every=3", "schedule.warmup_steps=0",
+            f"train.output_dir={tmp_path / 'run'}"]
+
+
+LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def _losses(text):
+    return [float(x) for x in re.findall(r"^step\s+\d+/\d+\s+loss\s+([\d.]+)", text, re.M)]
+
+
+def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_path, dataset):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        LAUNCHER + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        + _train_args(tmp_path, dataset, 6),
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-4000:] for o in outs)
+    node0 = outs[0]
+    assert "hybrid_fc: 2 ranks" in node0 and "fresh start" in node0
+    assert "done at step 6" in node0
+    losses = _losses(node0)
+    assert len(losses) == 3 and all(l > 0 for l in losses)
+    run = tmp_path / "run"
+    assert (run / "latest").read_text() == "global_step6"
+    hybrid = run / "global_step6" / "hybrid"
+    assert sorted(os.listdir(hybrid)) == ["backbone.pt", "head-rank00000.pt",
+                                          "head-rank00001.pt", "meta.json"]
+    meta = json.loads((hybrid / "meta.json").read_text())
+    assert meta["class_ranges"] == [[0, 12], [12, 12]] and meta["global_steps"] == 6
+    assert (run / "global_step3" / "hybrid" / "meta.json").exists()  # periodic checkpoint
+
+    # Resume on one node with one rank (the head's 24 classes resharded 2 -> 1), 6 -> 9 steps.
+    single = subprocess.run(LAUNCHER + ["--num_gpus", "1", "--master_port", str(_free_port())]
+                            + _train_args(tmp_path, dataset, 9),
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    out = single.stdout + single.stderr
+    assert single.returncode == 0, out[-4000:]
+    assert "hybrid_fc: 1 ranks" in out and "resumed at step 6" in out and "done at step 9" in out
+    assert (run / "latest").read_text() == "global_step9"
+    meta = json.loads((run / "global_step9" / "hybrid" / "meta.json").read_text())
+    assert meta["class_ranges"] == [[0, 24]] and meta["world_size"] == 1

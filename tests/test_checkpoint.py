@@ -152,7 +152,7 @@ def _killed_mid_write(rank, world_size, ckdir):
         hybrid.forward_backward(*batch(step, rank, MICRO, C))
         hybrid.step()
         if step == 1:
-            ckpt.save_checkpoint(hybrid, ckdir)
+            ckpt.save_checkpoint(hybrid, ckdir, rank_state={"rank": rank, "batches": 2})
             # what was saved, kept outside the checkpoint folder for the test to compare
             torch.save(_snapshot(hybrid), os.path.join(os.path.dirname(ckdir), f"good{rank}.pt"))
     if rank == 1:
@@ -172,8 +172,8 @@ def _killed_mid_write(rank, world_size, ckdir):
 def _reload(rank, world_size, ckdir):
     from hybrid_fc.checkpoint import load_checkpoint
     hybrid = _build(world_size, 2)
-    load_checkpoint(hybrid, ckdir)
-    return _snapshot(hybrid)
+    client = load_checkpoint(hybrid, ckdir)
+    return dict(_snapshot(hybrid), rank_state=client["rank_state"])
 
 
 def test_kill_9_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
@@ -196,6 +196,9 @@ def test_kill_9_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
         after = run_ranks(world_size, _reload, ck)
         assert torch.equal(torch.cat([r["weight"] for r in after]), saved_weight)
         assert after[0]["steps"] == 2
+        # each rank's own state comes back at the same size; at another size there is none
+        assert [r["rank_state"] for r in after] == (
+            [{"rank": 0, "batches": 2}, {"rank": 1, "batches": 2}] if world_size == 2 else [None])
         for name, value in good[0]["params"].items():
             assert torch.equal(after[0]["params"][name], value), name
             assert torch.equal(after[0]["state"][name]["momentum_buffer"],

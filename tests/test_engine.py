@@ -201,3 +201,36 @@ def test_schedule_follows_engine_steps_and_bad_arguments_are_refused():
             assert math.isclose(head_lr, 0.4 * f) and math.isclose(bb_lr, 0.05 * f)
         assert "not the head's" in errors["foreign"]
         assert "max_grad_norm" in errors["negative_clip"]
+
+
+def _sparse_vs_dense(rank, world_size, sparse):
+    import deepspeed
+    from hybrid_fc import ArcFace, PartialFC
+    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.optim import SparseSGD
+    net = TinyNet()
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
+                                      config=ds_config(1, world_size=world_size))
+    head = PartialFC(ArcFace(S, M), EMB, 10, sparse_grad=sparse)
+    opt = (SparseSGD if sparse else torch.optim.SGD)(head.parameters(), lr=HEAD_LR,
+                                                     momentum=0.9, weight_decay=5e-4)
+    hybrid = HybridEngine(engine, head, opt, max_grad_norm=0.5)
+    norms = []
+    for step in range(3):
+        hybrid.forward_backward(*batch(step, rank, 4, 10))
+        hybrid.step()
+        norms.append(hybrid.last_head_grad_norm.item())
+    return head.weight.detach().clone(), norms
+
+
+def test_sparse_head_gradient_is_clipped_like_the_dense_one():
+    """sample_rate=1: every row has a gradient, so SparseSGD == torch SGD; the clipped norms
+    and weights must agree (fp32 rounding only: 1e-6 relative)."""
+    dense = run_ranks(2, _sparse_vs_dense, False)
+    sparse = run_ranks(2, _sparse_vs_dense, True)
+    assert dense[0][1] == dense[1][1]                    # the global norm is the same on ranks
+    assert all(n > 0.5 for n in dense[0][1])             # clipping was active
+    for a, b in zip(dense[0][1], sparse[0][1]):
+        assert abs(a - b) <= 1e-6 * a
+    wd, ws = torch.cat([r[0] for r in dense]), torch.cat([r[0] for r in sparse])
+    assert _rel(ws, wd) < 1e-6

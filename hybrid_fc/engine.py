@@ -135,7 +135,7 @@ class HybridEngine:
         self.max_grad_norm = float(max_grad_norm)
         self.head_base_lrs: List[float] = [g["lr"] for g in head_optimizer.param_groups]
         self.backbone_base_lrs: List[float] = [g["lr"] for g in engine.optimizer.param_groups]
-        self.last_head_grad_norm: Optional[torch.Tensor] = None
+        self.last_head_grad_norm: Optional[torch.Tensor] = None  # before clipping; None if off
         if engine.bfloat16_enabled():
             self.compute_dtype = torch.bfloat16
         elif engine.fp16_enabled():
@@ -200,14 +200,10 @@ class HybridEngine:
         if self.head.world_size > 1:  # shards are disjoint: the full norm^2 is the sum
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.head.process_group)
         norm = sq.sqrt()
-        if self.max_grad_norm > 0:
-            # No host sync: multiply by min(1, max/norm) as a tensor.
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            for g in grads:
-                if g.is_sparse:
-                    g.mul_(coef.to(g.dtype))
-                else:
-                    g.mul_(coef.to(g.dtype))
+        # No host sync: multiply by min(1, max/norm) as a tensor (as torch's clip_grad_norm_).
+        coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
         return norm
 
     def _apply_schedule(self):
@@ -226,7 +222,8 @@ class HybridEngine:
         boundary = self.engine.is_gradient_accumulation_boundary()  # read before engine.step()
         if boundary:
             self._apply_schedule()
-            self.last_head_grad_norm = self._clip_head_grad()
+            if self.max_grad_norm > 0:  # one scalar all-reduce per step
+                self.last_head_grad_norm = self._clip_head_grad()
         self.engine.step()
         if not boundary:
             return False

@@ -93,3 +93,35 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     assert (run / "latest").read_text() == "global_step9"
     meta = json.loads((run / "global_step9" / "hybrid" / "meta.json").read_text())
     assert meta["class_ranges"] == [[0, 24]] and meta["world_size"] == 1
+
+
+def _train_in_process(rank, world_size, out):
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train
+    args = ["--config", os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
+            "--deepspeed_config", os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"),
+            "data.source=synthetic", "model.backbone=mlp", "model.input_size=8",
+            "head.num_classes=16", "train.steps=8", "train.log_every=4",
+            "train.checkpoint_every=0", "schedule.warmup_steps=2", f"train.output_dir={out}"]
+    hybrid = train.main(args)
+    errors = []
+    for bad in (["train.stepz=3"], ["head.sample_rate=1.5"]):
+        try:
+            train.main(args + bad)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return hybrid.global_steps, hybrid.head_lr, errors
+
+
+def test_train_main_synthetic_source_and_config_errors(tmp_path):
+    """The loop itself (in-process on 2 gloo ranks): synthetic source, warmup + poly schedule to
+    zero at the last step, a checkpoint at the end only, and config errors naming the field."""
+    from test_engine_support import run_ranks
+    out = str(tmp_path / "run")
+    for steps, lr, errors in run_ranks(2, _train_in_process, out):
+        assert steps == 8 and lr == 0.2 * (1 - 5 / 6) ** 2      # lr of the last step (index 7)
+        assert "unknown override 'train.stepz'" in errors[0]
+        assert "head.sample_rate" in errors[1]
+    names = os.listdir(out)  # (DeepSpeed also drops its zero_to_fp32.py converter here)
+    assert {"config.json", "latest"} <= set(names)
+    assert [n for n in names if n.startswith("global_step")] == ["global_step8"]

@@ -62,7 +62,9 @@ def _presets(rank, world_size, tmp, configs):
                            before["buffers"].items())
         report[name] = dict(losses=losses, steps=hybrid.global_steps, same=same,
                             same_state=same_state, same_buffers=same_buffers,
-                            keys=before["optimizer"]["elem_keys"], scale=hybrid.loss_scale,
+                            keys=before["optimizer"]["elem_keys"],
+                            scales=(hybrid.loss_scale, fresh.loss_scale),
+                            counters=(before["counters"], after["counters"]),
                             head_equal=torch.equal(fresh.head.weight, hybrid.head.weight))
     bare = {k: v for k, v in configs[0][1].items() if k not in ("data_types", "fp16")}
     try:  # bf16 without buffer_dtype: BatchNorm would fail mid-forward; refused up front
@@ -96,6 +98,7 @@ def test_presets_train_and_round_trip(tmp_path):
         assert r0["steps"] == 2, name
         assert r0["same"] and r0["same_buffers"] and r0["same_state"] and r0["head_equal"], name
         assert r1["same"] and r1["same_state"], name
+        assert r0["scales"][0] == r0["scales"][1] and r0["counters"][0] == r0["counters"][1], name
         if r0["keys"]:
             assert set(r0["keys"]) in ({"momentum_buffer"}, {"exp_avg", "exp_avg_sq"}), name
     assert '"buffer_dtype": "bf16"' in reports[0]["bf16_without_buffer_dtype"]

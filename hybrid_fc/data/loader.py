@@ -35,7 +35,6 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys
 
 from .decode import fit_size, make_decoder
 from .tario import iter_tar
@@ -218,6 +217,28 @@ def _note(stats: StreamStats, msg: str):
         log.warning(msg)
 
 
+def group_samples(files: Iterator[Tuple[str, bytes]], url: str) -> Iterator[dict]:
+    """Consecutive tar members sharing a key -> {"__key__", "__url__", ext: bytes}.
+
+    The key is the member name up to the first dot of its base name, the extension the rest,
+    lower-cased (webdataset's convention; string operations instead of its per-file regex).
+    """
+    sample = None
+    for name, data in files:
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot < 0:
+            continue  # no extension: not part of a sample
+        key, ext = name[:dot], name[dot + 1:].lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        sample[ext] = data  # a repeated extension keeps the last copy
+    if sample is not None:
+        yield sample
+
+
 def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8
                 ) -> Iterator[dict]:
     """Open each URL and yield its samples as {"__key__", "__url__", ext: bytes}.
@@ -238,9 +259,8 @@ def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8
         if stream is not None:
             abandoned = False
             try:
-                files = (dict(fname=name, data=data, __url__=url)
-                         for name, data in iter_tar(stream))
-                for sample in group_by_keys(files):
+                files = iter_tar(stream)
+                for sample in group_samples(files, url):
                     n += 1
                     yield sample
             except GeneratorExit:  # the epoch ended mid-shard
@@ -287,12 +307,22 @@ def _skip(src: Iterator, n: int, stats: StreamStats) -> Iterator:
 
 
 def _alloc(shape: Tuple[int, ...], dtype) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype)
-    if torch.utils.data.get_worker_info() is not None:
-        # in a worker: allocate in shared memory so sending the batch to the main process does
-        # not copy it again (what torch's default collate does too)
-        t.share_memory_()
-    return t
+    """An empty tensor; in a DataLoader worker, allocated in shared memory so that handing the
+    batch to the main process does not copy it again.
+
+    Cost per 128 x 112 x 112 x 3 batch, measured: UntypedStorage._new_shared (what torch's own
+    default_collate uses) ~3.6 ms with first-touch page faults, i.e. ~28 us per image;
+    tensor.share_memory_() on an existing tensor ~12 ms (~95 us per image, most of a decode).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    try:
+        storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype)
+                                                   .element_size())
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    except (AttributeError, RuntimeError):  # private API: fall back to the slow public one
+        return torch.empty(shape, dtype=dtype).share_memory_()
 
 
 def decode_batches(samples: Iterator[dict], batch_size: int, stats: StreamStats, worker: int,
@@ -324,12 +354,14 @@ def decode_batches(samples: Iterator[dict], batch_size: int, stats: StreamStats,
                          f"{type(e).__name__}: {e}")
             continue
         if image_size is None:
-            image_size = rgb.shape[:2]
+            image_size = tuple(rgb.shape[:2])
         if images is None:
             images = _alloc((batch_size, *image_size, 3), torch.uint8)
             labels = _alloc((batch_size,), torch.int64)
-        images[i].numpy()[...] = fit_size(rgb, image_size)
-        labels[i] = label
+            # numpy views: per-sample torch indexing costs ~10 us, a numpy store ~1 us
+            images_np, labels_np = images.numpy(), labels.numpy()
+        images_np[i] = rgb if rgb.shape[:2] == image_size else fit_size(rgb, image_size)
+        labels_np[i] = label
         i += 1
         if i == batch_size:
             info = {"worker": worker, "raw": stats.raw_samples, "corrupt": stats.corrupt_samples,

@@ -33,7 +33,11 @@ def _s3fs():
 def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
     fs = _s3fs()
     if mode[0] == "r":
-        return fs.open(url, "rb", block_size=S3_BLOCK_SIZE, cache_type="readahead")
+        # fsspec's file object spends ~5-10 us of Python per read() call, and a tar reader makes
+        # four per sample; a C BufferedReader in front serves them from 1 MiB chunks (measured
+        # on 8.5 KB JPEG samples: 71 -> 43 us CPU per sample, local disk 17 us).
+        raw = fs.open(url, "rb", block_size=S3_BLOCK_SIZE, cache_type="readahead")
+        return io.BufferedReader(raw, LOCAL_BUFFER)
     return fs.open(url, "wb")
 
 

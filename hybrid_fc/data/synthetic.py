@@ -38,7 +38,7 @@ def _identity_base(identity: int, size: int, seed: int) -> np.ndarray:
 
 
 def synthetic_image(identity: int, image: int, size: int = 112, seed: int = 0,
-                    noise: float = 12.0) -> np.ndarray:
+                    noise: float = 6.0) -> np.ndarray:
     """Image `image` of `identity` as uint8 (size, size, 3) RGB, before JPEG encoding."""
     base = _identity_base(identity, size, seed)
     rng = np.random.default_rng([seed, identity, image + 1])

@@ -72,7 +72,8 @@ def iter_tar(stream: BinaryIO) -> Iterator[Tuple[str, bytes]]:
         if header == _ZERO:
             return
         checksum = _octal(header[148:156], offset)
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+        # the checksum field itself counts as 8 spaces
+        if checksum != sum(header) - sum(header[148:156]) + 256:
             raise TarError(f"header checksum mismatch at byte {offset} (not a tar, or corrupt)")
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136], offset)
         kind = header[156:157]

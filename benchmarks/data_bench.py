@@ -15,7 +15,6 @@ Wall-clock rates per worker are printed next to them. Target: loader >= 0.6 x ba
 core. The last line is JSON.
 """
 import argparse
-import io
 import json
 import os
 import platform

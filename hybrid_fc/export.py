@@ -1,0 +1,328 @@
+"""Export a trained model: plain fp32 backbone state dict, ONNX, gathered class centers.
+
+Sources of the backbone weights, in order:
+  1. `TAG/hybrid/backbone.pt`, written by hybrid_fc.checkpoint at every save: the full fp32
+     master weights and buffers keyed by parameter name, whatever the ZeRO stage and the
+     number of ranks (no gathering needed here).
+  2. A plain DeepSpeed checkpoint (`*_model_states.pt` + ZeRO optimizer partitions): rebuilt
+     with deepspeed.utils.zero_to_fp32 (ZeRO 1/2/3 partitions consolidated on the CPU).
+The backbone architecture comes from the experiment config saved with the checkpoint
+(client_state["experiment"]["model"], or the run's config.json), or is given explicitly.
+
+ONNX: traced with a dynamic batch dimension ("batch"), input `images` (B, 3, S, S) float32
+normalized as in training, output `embeddings` (B, D) (not normalized). Before tracing,
+torch.export checks that the forward has no data-dependent control flow and no branch on the
+batch size (a tracer would silently bake one branch in); after writing, onnxruntime runs the
+file at other batch sizes than the traced one and the L2-normalized embeddings must match
+PyTorch's within `atol` (default 1e-4: fp32 kernels with different summation orders differ by
+~1e-6 relative per layer; 1e-4 on unit vectors leaves a wide margin and still catches a wrong
+graph, whose error is O(1)).
+
+Class centers: the head shards `hybrid/head-rank*.pt` concatenated by their class ranges into
+one (C, D) fp32 matrix, written through a memory map (C x D x 4 bytes; never all in RAM).
+"""
+import contextlib
+import copy
+import glob
+import json
+import logging
+import os
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "OnnxExportError", "resolve_checkpoint", "load_backbone_weights",
+           "load_backbone", "load_for_inference", "save_backbone", "export_class_centers", "export_onnx",
+           "check_onnx"]
+
+_MODEL_KEYS = ("backbone", "embedding_size", "input_size", "backbone_kwargs")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not hold what was asked for; the message names it."""
+
+
+class OnnxExportError(RuntimeError):
+    """The backbone cannot be exported to ONNX with a dynamic batch, or the file disagrees
+    with PyTorch."""
+
+
+# -- locating a checkpoint -------------------------------------------------------------------
+def _is_tag_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "hybrid")) or bool(
+        glob.glob(os.path.join(path, "*model_states.pt")))
+
+
+def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
+    """(save_dir, tag) from a run folder (with `latest`), a run folder + tag, or a tag folder."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a folder")
+    if tag is None and not os.path.isfile(os.path.join(path, "latest")) and _is_tag_dir(path):
+        path = os.path.abspath(path)
+        return os.path.dirname(path), os.path.basename(path)
+    if tag is None:
+        latest = os.path.join(path, "latest")
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"checkpoint {path!r}: no `latest` file and not a checkpoint "
+                                  "tag folder (expected TAG/hybrid/ or DeepSpeed "
+                                  "*_model_states.pt files)")
+        with open(latest) as f:
+            tag = f.read().strip()
+    if not os.path.isdir(os.path.join(path, tag)):
+        raise CheckpointError(f"checkpoint {path!r}: tag folder {tag!r} does not exist")
+    return path, tag
+
+
+def _model_config(save_dir: str, client_state: Optional[dict]) -> Optional[Dict[str, Any]]:
+    """The model section of the experiment config saved with the checkpoint, else the run's
+    config.json (launch/train.py writes both), else None."""
+    model = ((client_state or {}).get("experiment") or {}).get("model")
+    cfg_path = os.path.join(save_dir, "config.json")
+    if not model and os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            model = (json.load(f).get("experiment") or {}).get("model")
+    return {k: model[k] for k in _MODEL_KEYS if k in model} if model else None
+
+
+def _fp32(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Floating tensors to fp32 (bf16 buffers under `data_types.buffer_dtype`), ints kept."""
+    return {k: (v.float() if v.is_floating_point() else v).detach().clone()
+            for k, v in sd.items()}
+
+
+def load_backbone_weights(path: str, tag: Optional[str] = None
+                          ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]], str]:
+    """The backbone's fp32 state dict from a training checkpoint (any ZeRO stage, any number of
+    ranks), the saved model config (or None), and which file it came from.
+
+    Raises CheckpointError when the checkpoint holds no backbone."""
+    save_dir, tag = resolve_checkpoint(path, tag)
+    folder = os.path.join(save_dir, tag)
+    portable = os.path.join(folder, "hybrid", "backbone.pt")
+    if os.path.isfile(portable):
+        state = torch.load(portable, map_location="cpu", weights_only=False)
+        params = state.get("params") if isinstance(state, dict) else None
+        if not params:
+            raise CheckpointError(f"checkpoint without a backbone: {portable} has no "
+                                  "'params' (not written by hybrid_fc.checkpoint?)")
+        sd = dict(params)
+        sd.update(state.get("buffers") or {})
+        return _fp32(sd), _model_config(save_dir, state.get("client_state")), portable
+    states = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
+    if states:
+        # A plain DeepSpeed checkpoint: consolidate the ZeRO partitions (reads every rank's
+        # optimizer file; CPU memory ~ 2x the fp32 model).
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(save_dir, tag)
+        client = torch.load(states[0], map_location="cpu", weights_only=False)
+        if not sd:
+            raise CheckpointError(f"checkpoint without a backbone: {folder}'s DeepSpeed files "
+                                  "hold no model parameters")
+        return _fp32(sd), _model_config(save_dir, client), states[0]
+    raise CheckpointError(f"checkpoint without a backbone: {folder} has neither "
+                          "hybrid/backbone.pt nor DeepSpeed *_model_states.pt files")
+
+
+def load_backbone(path: str, tag: Optional[str] = None, **model_overrides
+                  ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(fp32 backbone in eval mode with the checkpoint's weights, its model config).
+
+    `path`: a training checkpoint (see resolve_checkpoint) or a state dict written by
+    save_backbone (`backbone.pt` with `backbone.json` beside it). model_overrides (backbone,
+    embedding_size, input_size, backbone_kwargs) replace or supply the saved model config."""
+    from hybrid_fc.backbones import build_backbone
+    if os.path.isfile(path):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        side = os.path.splitext(path)[0] + ".json"
+        cfg = None
+        if os.path.isfile(side):
+            with open(side) as f:
+                cfg = json.load(f)
+        source = path
+    else:
+        sd, cfg, source = load_backbone_weights(path, tag)
+    cfg = dict(cfg or {})
+    cfg.update({k: v for k, v in model_overrides.items() if v is not None})
+    missing = [k for k in ("backbone", "embedding_size") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{source}: no saved model config; pass {missing} "
+                              "(e.g. --backbone iresnet50 --embedding-size 512)")
+    cfg.setdefault("input_size", 112)
+    cfg.setdefault("backbone_kwargs", {})
+    model = build_backbone(cfg["backbone"], int(cfg["embedding_size"]),
+                           input_size=int(cfg["input_size"]), **cfg["backbone_kwargs"])
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: the weights do not fit backbone {cfg['backbone']!r} "
+                              f"(embedding_size={cfg['embedding_size']}): {exc}") from None
+    return model.float().eval(), cfg
+
+
+def load_for_inference(path: str, tag: Optional[str] = None, **model_overrides
+                       ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """load_backbone on this process's device, for launch/eval.py and launch/extract.py.
+
+    Under a launcher (deepspeed / torchrun: WORLD_SIZE > 1 in the environment) it first joins
+    the process group (deepspeed.init_distributed reads the launcher's variables) and uses the
+    GPU LOCAL_RANK when there are GPUs; alone it stays single-process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed
+        deepspeed.init_distributed()
+    model, cfg = load_backbone(path, tag, **model_overrides)
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if torch.cuda.is_available() else torch.device("cpu"))
+    return model.to(device), cfg
+
+
+def save_backbone(path: str, out: str, tag: Optional[str] = None, **model_overrides) -> str:
+    """Write the plain fp32 state dict (`torch.load` + `load_state_dict` on the model built by
+    hybrid_fc.backbones.build_backbone) to `out` and the model config to `out`'s .json."""
+    model, cfg = load_backbone(path, tag, **model_overrides)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(model.state_dict(), out)
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(cfg, f, indent=1)
+    return out
+
+
+# -- class centers -----------------------------------------------------------------------------
+def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str] = None):
+    """The (C, D) fp32 class-center matrix: head shards concatenated by class range.
+
+    With `out` (a .npy path) it is written through a memory map and the path is returned;
+    without, the tensor is returned (for small heads)."""
+    save_dir, tag = resolve_checkpoint(path, tag)
+    hdir = os.path.join(save_dir, tag, "hybrid")
+    meta_path = os.path.join(hdir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{os.path.join(save_dir, tag)} has no hybrid/meta.json: not a "
+                              "hybrid_fc checkpoint, so it holds no head shards")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    C, D = int(meta["num_classes"]), int(meta["embedding_size"])
+    if out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        centers = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(C, D))
+    else:
+        centers = np.empty((C, D), np.float32)
+    covered = 0
+    for r, (start, n) in enumerate(meta["class_ranges"]):
+        shard_path = os.path.join(hdir, f"head-rank{r:05d}.pt")
+        if not os.path.isfile(shard_path):
+            raise CheckpointError(f"{shard_path} is missing (meta.json lists "
+                                  f"{len(meta['class_ranges'])} head shards)")
+        shard = torch.load(shard_path, map_location="cpu", weights_only=False, mmap=True)
+        if (shard["class_start"], shard["num_local"]) != (start, n) or \
+                tuple(shard["weight"].shape) != (n, D):
+            raise CheckpointError(f"{shard_path} holds classes [{shard['class_start']}, "
+                                  f"{shard['class_start'] + shard['num_local']}) of width "
+                                  f"{shard['weight'].shape[-1]}; meta.json says [{start}, "
+                                  f"{start + n}) of width {D}")
+        centers[start:start + n] = shard["weight"].float().numpy()
+        covered += n
+    if covered != C:
+        raise CheckpointError(f"{hdir}: head shards cover {covered} of {C} classes")
+    if out is not None:
+        centers.flush()
+        del centers
+        return out
+    return torch.from_numpy(centers)
+
+
+# -- ONNX -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_torch_export():
+    """torch.export logs the whole graph on a failed guard; the error says enough."""
+    names = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
+             "torch._export")
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _check_traceable(model: nn.Module, example: torch.Tensor) -> None:
+    """Raise OnnxExportError when the forward branches on tensor values or on the batch size."""
+    name = type(model).__name__
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with _quiet_torch_export(), torch.no_grad():
+            torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+    except Exception as exc:  # GuardOnDataDependentSymNode, UserError (constraint violation)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxExportError(
+            f"backbone {name} cannot be exported to ONNX with a dynamic batch: its forward has "
+            f"data-dependent control flow (a Python `if`/loop on tensor values) or depends on "
+            f"the batch size, which a traced graph would freeze to one case. Rewrite it with "
+            f"torch.where / torch.cond, or export a model without it. torch.export said: "
+            f"{type(exc).__name__}: {first}") from None
+
+
+def export_onnx(model: nn.Module, out: str, input_size: int, *, opset: int = 17,
+                check: bool = True, batch_sizes: Sequence[int] = (1, 3), atol: float = 1e-4
+                ) -> Dict[str, Any]:
+    """Write `model` (a copy in fp32 eval mode) as ONNX with a dynamic batch dimension.
+
+    Returns {"path", "opset", "max_abs_diff" (None without check), "batch_sizes"}.
+    Cost: torch.export + one trace (~3 s + ~7 s for iresnet50 on one CPU core) and, with check,
+    onnxruntime runs at each batch size."""
+    model = copy.deepcopy(model).float().eval()
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, input_size, input_size, generator=g)
+    _check_traceable(model, example)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript-based exporter (dynamo=False) needs only `onnx`; the dynamo exporter
+        # would also need onnxscript. A tracer warning means the trace may be wrong: an error.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("error", category=torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(model, (example,), out, dynamo=False, opset_version=opset,
+                              input_names=["images"], output_names=["embeddings"],
+                              dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+                              do_constant_folding=True)
+        except torch.jit.TracerWarning as exc:
+            raise OnnxExportError(f"backbone {type(model).__name__}: the ONNX trace may not "
+                                  f"generalize to other inputs: {exc}") from None
+    diff = check_onnx(out, model, input_size, batch_sizes, atol) if check else None
+    return {"path": out, "opset": opset, "max_abs_diff": diff, "batch_sizes": list(batch_sizes)}
+
+
+def check_onnx(path: str, model: nn.Module, input_size: int,
+               batch_sizes: Sequence[int] = (1, 3), atol: float = 1e-4) -> float:
+    """Run the ONNX file with onnxruntime at each batch size and compare the L2-normalized
+    embeddings with PyTorch's; returns the largest absolute difference, raises OnnxExportError
+    above `atol` or when a batch size is refused (the batch was not dynamic)."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    model = model.float().eval()
+    g = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for b in batch_sizes:
+        x = torch.randn(b, 3, input_size, input_size, generator=g)
+        try:
+            got = session.run(["embeddings"], {"images": x.numpy()})[0]
+        except Exception as exc:
+            raise OnnxExportError(f"{path}: onnxruntime failed at batch size {b} (is the batch "
+                                  f"dimension dynamic?): {exc}") from None
+        with torch.no_grad():
+            ref = model(x)
+        if tuple(got.shape) != tuple(ref.shape):
+            raise OnnxExportError(f"{path}: output shape {got.shape} at batch {b}, PyTorch "
+                                  f"gives {tuple(ref.shape)}")
+        a = torch.nn.functional.normalize(torch.from_numpy(got).double(), dim=1)
+        r = torch.nn.functional.normalize(ref.double(), dim=1)
+        worst = max(worst, float((a - r).abs().max()))
+    if worst > atol:
+        raise OnnxExportError(f"{path}: onnxruntime embeddings differ from PyTorch by {worst:.3g} "
+                              f"(normalized, max abs) > atol {atol:g}")
+    return worst

@@ -1,0 +1,58 @@
+"""Export a training checkpoint: plain fp32 backbone state dict, ONNX, class centers.
+
+    python launch/export.py --checkpoint runs/ms1mv3_r50 --out exported/ --onnx --centers
+
+writes exported/backbone.pt (`model.load_state_dict(torch.load(...))` on
+hybrid_fc.backbones.build_backbone(**exported/backbone.json)), exported/backbone.onnx (input
+`images` (batch, 3, S, S) normalized as in training, output `embeddings` (batch, D); checked
+with onnxruntime at batch sizes 1 and 3 against PyTorch, normalized embeddings within 1e-4) and
+exported/centers.npy (the (C, D) fp32 class centers of all head shards, by class id).
+Works for checkpoints of any ZeRO stage and any number of ranks; one CPU process is enough.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder (latest) or tag folder")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the run's latest)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--onnx", action="store_true", help="also write backbone.onnx")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--centers", action="store_true", help="also write the class centers")
+    p.add_argument("--backbone", default=None, help="override / supply the saved model config")
+    p.add_argument("--embedding-size", type=int, default=None)
+    p.add_argument("--input-size", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from hybrid_fc.export import export_class_centers, export_onnx, load_backbone, save_backbone
+    os.makedirs(args.out, exist_ok=True)
+    overrides = dict(backbone=args.backbone, embedding_size=args.embedding_size,
+                     input_size=args.input_size)
+    pt = save_backbone(args.checkpoint, os.path.join(args.out, "backbone.pt"), args.tag,
+                       **overrides)
+    written = {"state_dict": pt}
+    if args.onnx:
+        model, cfg = load_backbone(pt)
+        info = export_onnx(model, os.path.join(args.out, "backbone.onnx"),
+                           int(cfg["input_size"]), opset=args.opset)
+        written["onnx"] = info["path"]
+        print(f"onnx: max |onnxruntime - torch| of normalized embeddings "
+              f"{info['max_abs_diff']:.2e} at batch sizes {info['batch_sizes']}", flush=True)
+    if args.centers:
+        written["centers"] = export_class_centers(args.checkpoint,
+                                                  os.path.join(args.out, "centers.npy"), args.tag)
+    print(json.dumps(written, indent=1), flush=True)
+    return written
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,8 +1,46 @@
 """Shared fixtures. Data-path fixtures are prefixed `data_` / named for what they start."""
 import os
 import socket
+import sys
+import time
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# DeepSpeed's CPU backend JIT-compiles its shared-memory op (deepspeed_shm_comm, ~50 s on 2
+# cores) the first time any process initializes deepspeed.comm, under torch's FileBaton: a lock
+# file with no owner recorded. A process killed while holding it (a rank stopped at a test's
+# timeout, a Ctrl-C) leaves the lock behind and every later initialization waits on it forever
+# - in one CI run that turned 17 DeepSpeed tests into 240 s hangs. So the tests build into this
+# checkout's own directory (a fresh clone starts clean; the user's ~/.cache is not touched), and
+# the build runs once in the pytest process itself, before any rank is forked: forked ranks
+# inherit the loaded module and never take the lock; launcher subprocesses find it built.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, "build", "torch_extensions"))
+_STALE_LOCK_S = 600  # no build of this op takes 10 minutes; an older lock has no live owner
+
+
+def _prebuild_deepspeed_ops():
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    import deepspeed.ops
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # not a CPU accelerator, or the op cannot build here: DeepSpeed skips it too
+    root = os.environ["TORCH_EXTENSIONS_DIR"]
+    for dirpath, _, files in os.walk(root):
+        if "lock" in files:
+            lock = os.path.join(dirpath, "lock")
+            if time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
+                print(f"removing stale torch extension build lock {lock}", file=sys.stderr)
+                os.remove(lock)
+    builder.load()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deepspeed_ops_built():
+    """Build DeepSpeed's JIT op in this process when a collected test module uses DeepSpeed."""
+    if "deepspeed" in sys.modules:
+        _prebuild_deepspeed_ops()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import deepspeed  # noqa: F401  (conftest then builds DeepSpeed's JIT op once, up front)
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

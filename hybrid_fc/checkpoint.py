@@ -388,7 +388,9 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     client_state: one dict for all ranks (rank 0's is kept, as DeepSpeed does).
     rank_state: this rank's own picklable state (e.g. its data loader position), stored in its
       head shard and given back on a resume with the same number of ranks.
-    Collective: every rank calls it. `latest` moves only after every rank's files exist."""
+    Collective: every rank calls it. `latest` moves only after every rank's files exist.
+    BatchNorm running statistics are first averaged over the ranks (HybridEngine.sync_buffers),
+    so the saved backbone is the one every rank goes on training and evaluating with."""
     engine, head = hybrid.engine, hybrid.head
     tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
     folder = os.path.join(save_dir, tag)
@@ -398,6 +400,7 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
         os.makedirs(hfolder, exist_ok=True)
     _barrier()
     os.makedirs(hfolder, exist_ok=True)  # ranks on other nodes with their own filesystem view
+    hybrid.sync_buffers()            # collective: one set of BatchNorm statistics is saved
     bstate = backbone_state(engine)                                    # collective
     if rank == 0:
         bstate["client_state"] = client_state or {}

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 __all__ = [
     "group_rank", "group_size", "gather_batch_meta", "all_gather_varlen", "all_gather_rows",
-    "scale_grad", "sharded_margin_softmax_ce",
+    "scale_grad", "sharded_margin_softmax_ce", "sync_buffers",
 ]
 
 
@@ -38,6 +38,43 @@ def gather_batch_meta(meta: torch.Tensor, group) -> List[List[int]]:
     out = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(out, meta.contiguous(), group=group)
     return [t.tolist() for t in torch.stack(out).cpu()]
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module, group=None) -> None:
+    """Make a data-parallel module's buffers equal on every rank of `group`, in place.
+
+    BatchNorm running means and variances become their mean over the ranks: each rank's copy
+    saw only its own batches, and DeepSpeed (unlike DDP's default) never broadcasts buffers, so
+    without this the ranks evaluate different models and a checkpoint keeps rank 0's alone.
+    Every other buffer (num_batches_tracked, constant tables) becomes rank 0's copy, bit for bit.
+    Collective; cost: one all-reduce of all BatchNorm statistics (flattened, fp32) and one
+    broadcast per other buffer dtype (iresnet100: ~0.1 M floats in all).
+    """
+    world = group_size(group)
+    if world == 1:
+        return
+    stats, others = [], {}
+    for m in module.modules():
+        bn = (isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+              and m.running_mean is not None)
+        for name, b in m.named_buffers(recurse=False):
+            if bn and name in ("running_mean", "running_var") and b.is_floating_point():
+                stats.append(b)
+            else:
+                others.setdefault((b.dtype, b.device), []).append(b)
+    if stats:
+        flat = torch.cat([b.reshape(-1).float() for b in stats])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= world
+        for b, v in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(v.view_as(b))
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    for bufs in others.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.broadcast(flat, src=src, group=group)
+        for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))
 
 
 def _offsets(sizes: Sequence[int]) -> List[int]:

@@ -233,6 +233,14 @@ class HybridEngine:
         self.head_optimizer.zero_grad(set_to_none=True)
         return applied
 
+    def sync_buffers(self) -> None:
+        """Average the backbone's BatchNorm running statistics over the data-parallel ranks (other
+        buffers: rank 0's), in place. Each rank's statistics follow only its own batches;
+        save_checkpoint and distributed evaluation call this so that every rank evaluates, and
+        the checkpoint keeps, one model. Collective (hybrid_fc.collectives.sync_buffers)."""
+        from hybrid_fc.collectives import sync_buffers
+        sync_buffers(self.engine.module, self.head.process_group)
+
     def train(self, mode: bool = True):
         self.engine.train(mode)
         self.head.train(mode)

@@ -221,7 +221,9 @@ def decode_images(images: Sequence[bytes], image_size: int, where: str = "images
 
 
 def _unwrap(model):
-    """A DeepSpeed engine's module, or the module itself."""
+    """The backbone nn.Module of a HybridEngine, a DeepSpeed engine, or the module itself."""
+    if hasattr(model, "head") and hasattr(model, "engine"):  # hybrid_fc.engine.HybridEngine
+        model = model.engine
     return getattr(model, "module", model)
 
 
@@ -292,9 +294,14 @@ def embed_pair_set(model, pairs: PairSet, image_size: int, *, batch_size: int = 
     Collective over `group` (default: the world when torch.distributed is initialized): each
     rank decodes and embeds its slice, then one all-gather. `decoded`: this rank's slice,
     already decoded (VerificationHook caches it). A decode error on any rank raises
-    BinFileError on every rank."""
-    from hybrid_fc.collectives import all_gather_varlen, gather_batch_meta, group_rank, group_size
+    BinFileError on every rank. With more than one rank the model's BatchNorm running statistics
+    are first averaged over `group`, in place (collectives.sync_buffers): data-parallel ranks
+    each track their own, and the pairs must all be embedded by one model."""
+    from hybrid_fc.collectives import (all_gather_varlen, gather_batch_meta, group_rank,
+                                       group_size, sync_buffers)
     world, rank = group_size(group), group_rank(group)
+    if world > 1:
+        sync_buffers(_unwrap(model), group)
     n = 2 * pairs.num_pairs
     lo, hi = image_span(n, rank, world)
     error = None

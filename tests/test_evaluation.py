@@ -273,6 +273,46 @@ def test_two_ranks_equal_one(tmp_path):
     assert r1.accuracy > 0.8
 
 
+def _model_with_rank_stats(rank):
+    """Same weights on every rank, BatchNorm statistics of this rank's own (as data-parallel
+    training leaves them: DeepSpeed never broadcasts buffers)."""
+    model = _model()
+    g = torch.Generator().manual_seed(100 + rank)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def _evaluate_rank_stats(rank, world_size, path):
+    model = _model_with_rank_stats(rank)
+    from hybrid_fc.evaluation import embed_pair_set
+    emb, _ = embed_pair_set(model, load_bin(path), SIZE, batch_size=4)
+    return emb, {n: b.clone() for n, b in model.named_buffers()}
+
+
+def test_ranks_with_own_batchnorm_statistics_embed_with_their_mean(tmp_path):
+    images, issame = _pairs(11, seed=2)
+    path = str(tmp_path / "set.bin")
+    _write_insightface_bin(path, images, issame)
+    (e0, b0), (e1, b1) = run_world(2, _evaluate_rank_stats, path)
+    own = [dict(_model_with_rank_stats(r).named_buffers()) for r in range(2)]
+    ref_model = _model()
+    with torch.no_grad():
+        for name, b in ref_model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                b.copy_((own[0][name] + own[1][name]) / 2)
+    for name, b in ref_model.named_buffers():   # both ranks now hold the mean, in place
+        assert torch.equal(b0[name], b) and torch.equal(b1[name], b), name
+    from hybrid_fc.evaluation import embed_pair_set
+    ref, _ = embed_pair_set(ref_model, load_bin(path), SIZE, batch_size=4)
+    # one model on both ranks; fp32 summation order of other batch layouts: 1e-5
+    np.testing.assert_allclose(e0, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(e1, ref, atol=1e-5, rtol=0)
+
+
 def _hook_rank(rank, world_size, paths):
     lines = []
     hook = VerificationHook(paths, every=2, image_size=SIZE, batch_size=8,

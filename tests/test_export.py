@@ -47,9 +47,18 @@ def _train_and_save(rank, world_size, ckdir):
         else:  # IResNet's frozen `features.weight`: no fp32 master, gather the parameter
             with deepspeed.zero.GatheredParameters([p]):
                 params[n] = p.detach().float().clone()
-    buffers = {n: b.clone() for n, b in engine.module.named_buffers()}
+    own_buffers = {n: b.clone() for n, b in engine.module.named_buffers()}  # this rank's stats
     save_checkpoint(hybrid, ckdir, client_state={"experiment": {"model": MODEL}})
-    return params, buffers, head.class_start, head.weight.detach().clone()
+    buffers = {n: b.clone() for n, b in engine.module.named_buffers()}      # after the sync
+    # Evaluation on the live ZeRO-3 engine: ranks with fewer images must still call forward
+    # as often as the others (parameters are gathered inside forward), here 3 calls of 2 on
+    # 5 and 3 images; a missing dummy call would hang rank 0.
+    from hybrid_fc.evaluation import embed_images
+    images = torch.randint(0, 256, (5 - 2 * rank, 3, SIZE, SIZE), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(7))
+    emb, _ = embed_images(hybrid, images, batch_size=2, num_calls=3)
+    return (params, buffers, head.class_start, head.weight.detach().clone(), (images, emb),
+            own_buffers)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,7 @@ def zero3_run(tmp_path_factory):
 
 def test_state_dict_from_zero3_checkpoint(zero3_run, tmp_path):
     ckdir, results = zero3_run
-    params, buffers, _, _ = results[0]
+    params, buffers, *_ = results[0]
     sd, cfg, source = load_backbone_weights(ckdir)
     assert source.endswith(os.path.join("hybrid", "backbone.pt")) and cfg == MODEL
     assert set(sd) == set(params) | set(buffers)
@@ -69,6 +78,16 @@ def test_state_dict_from_zero3_checkpoint(zero3_run, tmp_path):
         assert sd[name].dtype == torch.float32 and torch.equal(sd[name], value), name
     for name, value in buffers.items():
         assert torch.equal(sd[name], value.to(sd[name].dtype)), name
+    # BatchNorm statistics: each rank tracked its own; the checkpoint (and, after the save,
+    # every rank) holds their mean; the step counters are rank 0's
+    own = [r[5] for r in results]
+    assert not torch.equal(own[0]["bn1.running_mean"], own[1]["bn1.running_mean"])
+    for name in buffers:
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.equal(sd[name], (own[0][name] + own[1][name]) / 2), name
+        else:
+            assert torch.equal(sd[name], own[0][name]), name
+        assert torch.equal(results[1][1][name], buffers[name]), name
     # DeepSpeed's own consolidation of the ZeRO-3 partitions (an independent path) agrees
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     with open(os.path.join(ckdir, "latest")) as f:
@@ -87,6 +106,11 @@ def test_state_dict_from_zero3_checkpoint(zero3_run, tmp_path):
         assert torch.equal(fresh.eval()(x), model(x))
     again, cfg2 = load_backbone(out)          # backbone.pt + backbone.json
     assert cfg2 == MODEL
+    # the live ZeRO-3 engine embedded like the exported model (fp32; summation order: 1e-5)
+    from hybrid_fc.evaluation import embed_images
+    for images, emb in (r[4] for r in results):
+        ref, _ = embed_images(model, images, batch_size=8)
+        torch.testing.assert_close(emb, ref, atol=1e-5, rtol=0)
     # without hybrid/backbone.pt: the DeepSpeed files alone (zero_to_fp32 fallback)
     plain = str(tmp_path / "plain")
     shutil.copytree(ckdir, plain)
@@ -99,7 +123,7 @@ def test_state_dict_from_zero3_checkpoint(zero3_run, tmp_path):
 
 def test_class_centers(zero3_run, tmp_path):
     ckdir, results = zero3_run
-    ref = torch.cat([w for *_, start, w in sorted(results, key=lambda r: r[2])])
+    ref = torch.cat([r[3] for r in sorted(results, key=lambda r: r[2])])
     assert ref.shape == (C, EMB)
     assert torch.equal(export_class_centers(ckdir), ref)
     path = export_class_centers(ckdir, str(tmp_path / "centers.npy"))

@@ -1,0 +1,189 @@
+"""Does Partial FC at sample rate 0.1 learn as well as the full softmax? (issue 5's experiment)
+
+    python benchmarks/learning_check.py          # the defaults: ~2 x 6 min on 2 CPU cores
+
+1. Writes a synthetic identity set with hybrid_fc.data.make_synthetic (32x32 JPEG shards):
+   `--identities` training identities x `--images` images each.
+2. Writes a verification pair set from held-out identities (ids `identities` ...
+   `identities + heldout - 1` of the same generator, never seen in training): `--pairs` pairs,
+   half same-identity, half different, as an insightface-format .bin (hybrid_fc.evaluation).
+3. For each `--rates` value runs the real launcher, same seed, data order and steps:
+       deepspeed --num_gpus 2 launch/train.py --config launch/configs/quickstart.yaml \\
+           --deepspeed_config ds_configs/cpu_zero1_fp32.json head.sample_rate=R ...
+4. Evaluates each final checkpoint (and the untrained backbone, the "no learning" reference)
+   with insightface's 10-fold protocol and flip TTA, writes OUT/learning_check.json, a PNG of
+   the loss curves (--png, default benchmarks/learning_check.png), and prints a markdown
+   table for benchmarks/RESULTS.md.
+
+Everything goes under --out (default runs/learning_check); the data is reused when present.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "learning_check"))
+    p.add_argument("--identities", type=int, default=2000, help="training identities")
+    p.add_argument("--images", type=int, default=10, help="images per training identity")
+    p.add_argument("--heldout", type=int, default=1000, help="held-out identities for pairs")
+    p.add_argument("--pairs", type=int, default=6000, help="verification pairs (half same)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "learning_check.png"),
+                   help="where the loss-curve plot goes")
+    p.add_argument("overrides", nargs="*", help="extra section.key=value for launch/train.py")
+    return p.parse_args(argv)
+
+
+def make_pairs(path, identities, heldout, num_pairs, size, seed):
+    """num_pairs // 2 same pairs (two images of one held-out identity) and as many different
+    pairs (images of two held-out identities), interleaved, images 1000+ of each identity."""
+    import numpy as np
+    from hybrid_fc.data import encode_jpeg, synthetic_image
+    from hybrid_fc.evaluation import write_bin
+    rng = np.random.default_rng([seed, 5])
+    ids = np.arange(identities, identities + heldout)
+    images, issame = [], []
+    used = {}
+
+    def next_image(identity):
+        used[identity] = used.get(identity, 0) + 1
+        return encode_jpeg(synthetic_image(int(identity), 1000 + used[identity], size, seed))
+    for i in range(num_pairs):
+        if i % 2 == 0:
+            a = b = rng.choice(ids)
+        else:
+            a, b = rng.choice(ids, 2, replace=False)
+        images += [next_image(a), next_image(b)]
+        issame.append(bool(a == b))
+    write_bin(path, images, issame)
+
+
+def train(args, rate, data, run_dir):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
+           "--master_port", str(29500 + int(rate * 1000) % 400),
+           os.path.join(ROOT, "launch", "train.py"),
+           "--config", os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
+           "--deepspeed_config", os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"),
+           f"data.urls={data}", f"head.num_classes={args.identities}",
+           f"head.sample_rate={rate}", f"train.steps={args.steps}",
+           f"train.output_dir={run_dir}", "train.checkpoint_every=0", "train.log_every=10",
+           "train.resume=false", "train.tensorboard=false", f"train.seed={args.seed}",
+           f"model.input_size={args.size}"] + args.overrides
+    print(" ".join(cmd), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=ROOT)
+    losses, tail = [], []
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        m = re.match(r"step\s+(\d+)/\d+\s+loss\s+([-\d.naif]+)", line)
+        if m:
+            losses.append((int(m.group(1)), float(m.group(2))))
+            if int(m.group(1)) % 100 == 0:
+                print(f"  r={rate}: {line.strip()}", flush=True)
+    if proc.wait() != 0:
+        sys.exit(f"training at sample rate {rate} failed:\n{''.join(tail)}")
+    return losses, time.time() - t0
+
+
+def evaluate_run(run_dir, pairs_path, size):
+    from hybrid_fc.evaluation import evaluate, load_bin
+    from hybrid_fc.export import load_backbone
+    model, _ = load_backbone(run_dir)
+    return evaluate(model, load_bin(pairs_path), size, batch_size=128)
+
+
+def untrained(run_dir, pairs_path, size):
+    """The same backbone at its initialization (launch/train.py seeds it with train.seed)."""
+    import torch
+    from hybrid_fc.backbones import build_backbone
+    from hybrid_fc.evaluation import evaluate, load_bin
+    from hybrid_fc.export import load_backbone
+    _, cfg = load_backbone(run_dir)
+    torch.manual_seed(json.load(open(os.path.join(run_dir, "config.json")))
+                      ["experiment"]["train"]["seed"])
+    model = build_backbone(cfg["backbone"], cfg["embedding_size"], input_size=cfg["input_size"],
+                           **cfg["backbone_kwargs"])
+    return evaluate(model, load_bin(pairs_path), size, batch_size=128)
+
+
+def plot(curves, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rate, pts in curves.items():
+        ax.plot([s for s, _ in pts], [v for _, v in pts], label=f"sample_rate {rate:g}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (sampled margin softmax)")
+    ax.set_title("Partial FC: loss at r=1.0 vs r=0.1 (synthetic identities)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    sys.path.insert(0, ROOT)
+    data = os.path.join(args.out, "data")
+    if not os.path.isfile(os.path.join(data, "manifest.json")):
+        from hybrid_fc.data import make_synthetic
+        t0 = time.time()
+        make_synthetic(data, args.identities, args.images, size=args.size, seed=args.seed,
+                       workers=2, samples_per_shard=2000)
+        print(f"wrote {args.identities} x {args.images} images in {time.time() - t0:.0f} s")
+    pairs = os.path.join(args.out, "heldout_pairs.bin")
+    if not os.path.isfile(pairs):
+        make_pairs(pairs, args.identities, args.heldout, args.pairs, args.size, args.seed)
+    results, curves = {}, {}
+    for rate in args.rates:
+        run_dir = os.path.join(args.out, f"r{rate:g}")
+        losses, seconds = train(args, rate, data, run_dir)
+        curves[rate] = losses
+        r = evaluate_run(run_dir, pairs, args.size)
+        results[rate] = dict(r.as_dict(), train_seconds=seconds, final_loss=losses[-1][1],
+                             first_loss=losses[0][1])
+        print(f"r={rate:g}: accuracy {100 * r.accuracy:.2f} +- {100 * r.std:.2f}  "
+              f"({seconds:.0f} s)", flush=True)
+    base = untrained(os.path.join(args.out, f"r{args.rates[0]:g}"), pairs, args.size)
+    png = args.png
+    plot(curves, png)
+    with open(os.path.join(args.out, "learning_check.json"), "w") as f:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True).stdout.strip()
+        json.dump({"args": vars(args), "commit": commit, "untrained": base.as_dict(),
+                   "runs": {f"{k:g}": v for k, v in results.items()},
+                   "curves": {f"{k:g}": v for k, v in curves.items()}}, f, indent=1)
+    print("\n| sample_rate | verification accuracy % (10-fold, +- std) | TAR@FAR=1e-3 % | "
+          "loss first -> last | train time s |")
+    print("|---|---|---|---|---|")
+    print(f"| untrained backbone | {100 * base.accuracy:.2f} +- {100 * base.std:.2f} | "
+          f"{100 * base.tar[1e-3]:.1f} | — | — |")
+    for rate, r in results.items():
+        print(f"| {rate:g} | {100 * r['accuracy']:.2f} +- {100 * r['std']:.2f} | "
+              f"{100 * r['tar']['0.001']:.1f} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} "
+              f"| {r['train_seconds']:.0f} |")
+    if len(results) >= 2:
+        accs = [r["accuracy"] for r in results.values()]
+        print(f"\ngap r={args.rates[0]:g} - r={args.rates[-1]:g}: "
+              f"{100 * (accs[0] - accs[-1]):+.2f} points; plot {png}")
+
+
+if __name__ == "__main__":
+    main()

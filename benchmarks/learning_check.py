@@ -48,27 +48,11 @@ def parse_args(argv=None):
 
 
 def make_pairs(path, identities, heldout, num_pairs, size, seed):
-    """num_pairs // 2 same pairs (two images of one held-out identity) and as many different
-    pairs (images of two held-out identities), interleaved, images 1000+ of each identity."""
-    import numpy as np
-    from hybrid_fc.data import encode_jpeg, synthetic_image
+    """num_pairs // 2 same pairs and as many different pairs of held-out identities
+    (ids identities .. identities + heldout - 1, never trained on)."""
+    from hybrid_fc.data import synthetic_pairs
     from hybrid_fc.evaluation import write_bin
-    rng = np.random.default_rng([seed, 5])
-    ids = np.arange(identities, identities + heldout)
-    images, issame = [], []
-    used = {}
-
-    def next_image(identity):
-        used[identity] = used.get(identity, 0) + 1
-        return encode_jpeg(synthetic_image(int(identity), 1000 + used[identity], size, seed))
-    for i in range(num_pairs):
-        if i % 2 == 0:
-            a = b = rng.choice(ids)
-        else:
-            a, b = rng.choice(ids, 2, replace=False)
-        images += [next_image(a), next_image(b)]
-        issame.append(bool(a == b))
-    write_bin(path, images, issame)
+    write_bin(path, *synthetic_pairs(identities, heldout, num_pairs, size, seed))
 
 
 def train(args, rate, data, run_dir):

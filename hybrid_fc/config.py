@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["ModelConfig", "HeadConfig", "HeadOptimConfig", "ScheduleConfig", "DataConfig",
-           "TrainConfig", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict"]
+           "TrainConfig", "EvalConfig", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict"]
 
 
 def _require(cond: bool, name: str, msg: str, value: Any):
@@ -190,6 +190,25 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    bins: List[str] = field(default_factory=list)
+    """Verification pair sets evaluated during training: insightface .bin files (lfw.bin,
+    cfp_fp.bin, agedb_30.bin) or pair lists; empty: no verification."""
+    every: int = 2000
+    """Verify every this many optimizer steps, and once more at the end of training."""
+    batch_size: int = 64
+    """Images per forward pass during verification (each is run with its mirror image)."""
+    flip: bool = True
+    """Flip test-time augmentation: embed f(x) + f(mirror(x))."""
+
+    def __post_init__(self):
+        _require(all(isinstance(b, str) and b for b in self.bins), "eval.bins",
+                 "must be a list of pair-file paths", self.bins)
+        _require(self.every >= 1, "eval.every", "must be >= 1", self.every)
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Backbone architecture."""
@@ -203,6 +222,8 @@ class ExperimentConfig:
     """Input pipeline."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Loop length, logging, checkpoints."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic verification on pair sets during training."""
 
     def __post_init__(self):
         _require(self.schedule.warmup_steps <= self.train.steps, "schedule.warmup_steps",
@@ -260,6 +281,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ValueError(f"{name}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, name) for v, a in zip(value, args))
     if origin in (list, List, Sequence):
+        if isinstance(value, str) and args and args[0] is str:  # `eval.bins=lfw.bin`
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name}: expected a list, got {value!r}")
         return [_coerce(v, args[0], name) for v in value] if args else list(value)

@@ -20,12 +20,53 @@ calls `engine.step()`, and steps the head only if `engine.was_step_applied()` (F
 overflow, which DeepSpeed decides for all ranks together, so head and backbone skip together).
 """
 import math
+import os
+import time
 from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["HybridEngine", "WarmupDecay"]
+__all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks"]
+
+
+def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> List[str]:
+    """Remove torch JIT-extension build locks older than `stale_after_s`; returns their paths.
+
+    DeepSpeed JIT-compiles ops (the CPU backend's deepspeed_shm_comm at every start, FusedAdam
+    and others on GPUs) through torch.utils.cpp_extension, which serializes builds with a bare
+    `lock` file in the op's build folder and waits, silently and without end, while it exists.
+    A process killed during the build or the load (Ctrl-C at start-up, a job timeout) leaves the
+    file behind, and every later run on that machine hangs at start-up. A build takes minutes,
+    not half an hour, so an older lock has no live owner. Younger locks are only reported
+    (another run may be building right now). Scans TORCH_EXTENSIONS_DIR, else torch's default
+    root (~/.cache/torch_extensions). Call it from one process per machine (local rank 0)
+    before DeepSpeed starts, so that two ranks never remove a lock the other just took."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = get_default_build_root()
+    removed = []
+    for dirpath, _, files in os.walk(root):
+        if "lock" not in files:
+            continue
+        lock = os.path.join(dirpath, "lock")
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:  # released meanwhile
+            continue
+        if age > stale_after_s:
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                continue
+            removed.append(lock)
+            print_fn(f"hybrid_fc: removed a stale build lock {lock} ({age / 60:.0f} min old; "
+                     "its process died while building or loading a DeepSpeed op)")
+        else:
+            print_fn(f"hybrid_fc: build lock {lock} is {age:.0f} s old: DeepSpeed will wait for "
+                     "it; if no other process is building that op, delete the file")
+    return removed
 
 
 class WarmupDecay:

@@ -103,6 +103,17 @@ def webdataset_batches(cfg, batch_size, rank, world_size, rank_state, device):
     return loader, batches()
 
 
+def build_verification(cfg, writer):
+    """The periodic verification of eval.bins (hybrid_fc.evaluation.VerificationHook: every
+    rank embeds its slice of each pair set, BatchNorm statistics averaged over the ranks first),
+    or None. Reads and decodes the pair files now, so a bad file fails before training."""
+    if not cfg.eval.bins:
+        return None
+    from hybrid_fc.evaluation import VerificationHook
+    return VerificationHook(cfg.eval.bins, every=cfg.eval.every, image_size=cfg.model.input_size,
+                            batch_size=cfg.eval.batch_size, flip=cfg.eval.flip, writer=writer)
+
+
 class _Log:
     """Rank 0's progress line (and TensorBoard scalars when tensorboard is installed)."""
 
@@ -118,6 +129,13 @@ class _Log:
                 self.writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tb"))
             except ImportError:  # tensorboard is optional
                 self.writer = None
+
+    def exclude(self, fn):
+        """Run fn (e.g. a verification) without counting its time against training img/s."""
+        t = time.time()
+        out = fn()
+        self.t0 += time.time() - t
+        return out
 
     def add(self, loss):
         # Keep the sum on the device: no host sync until a log line is printed.
@@ -163,6 +181,9 @@ def main(argv=None):
         raise ValueError("schedule.apply_to_backbone: the DeepSpeed JSON has a \"scheduler\"; "
                          "set schedule.apply_to_backbone=false or remove it (one owner per key)")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # a killed run's build lock hangs start-up
+        from hybrid_fc.engine import clear_stale_build_locks
+        clear_stale_build_locks()
     deepspeed.init_distributed()
     import torch.distributed as dist
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -205,6 +226,7 @@ def main(argv=None):
         loader, batches = webdataset_batches(cfg, micro, rank, world_size, rank_state, device)
 
     log = _Log(cfg, rank, micro * gas * world_size)
+    verify = build_verification(cfg, log.writer)
     last_saved = hybrid.global_steps if resumed is not None else -1
     hybrid.train()
     while hybrid.global_steps < cfg.train.steps:
@@ -215,11 +237,15 @@ def main(argv=None):
             log.add(loss)
         log.maybe_print(hybrid)
         step = hybrid.global_steps
+        if verify is not None and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            log.exclude(lambda: verify(hybrid, step))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
                             rank_state=loader.state_dict() if loader is not None else None)
             last_saved = step
     log.maybe_print(hybrid, force=True)
+    if verify is not None:
+        verify(hybrid, hybrid.global_steps, force=True)
     if last_saved != hybrid.global_steps:
         save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
                         rank_state=loader.state_dict() if loader is not None else None)

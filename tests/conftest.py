@@ -2,7 +2,6 @@
 import os
 import socket
 import sys
-import time
 
 import pytest
 
@@ -17,22 +16,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the build runs once in the pytest process itself, before any rank is forked: forked ranks
 # inherit the loaded module and never take the lock; launcher subprocesses find it built.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, "build", "torch_extensions"))
-_STALE_LOCK_S = 600  # no build of this op takes 10 minutes; an older lock has no live owner
 
 
 def _prebuild_deepspeed_ops():
     from deepspeed.accelerator import get_accelerator
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     import deepspeed.ops
+    from hybrid_fc.engine import clear_stale_build_locks
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return  # not a CPU accelerator, or the op cannot build here: DeepSpeed skips it too
-    root = os.environ["TORCH_EXTENSIONS_DIR"]
-    for dirpath, _, files in os.walk(root):
-        if "lock" in files:
-            lock = os.path.join(dirpath, "lock")
-            if time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
-                print(f"removing stale torch extension build lock {lock}", file=sys.stderr)
-                os.remove(lock)
+    # no build of this op takes 10 minutes; an older lock was left by a killed run
+    clear_stale_build_locks(600, print_fn=lambda s: print(s, file=sys.stderr))
     builder.load()
 
 

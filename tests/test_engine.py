@@ -6,6 +6,8 @@ losses, backbone weights and the concatenated head shards with `dense_reference`
 concatenation of all ranks' micro-batches as one batch and uses plain torch SGD.
 """
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -234,3 +236,23 @@ def test_sparse_head_gradient_is_clipped_like_the_dense_one():
         assert abs(a - b) <= 1e-6 * a
     wd, ws = torch.cat([r[0] for r in dense]), torch.cat([r[0] for r in sparse])
     assert _rel(ws, wd) < 1e-6
+
+
+def test_stale_build_locks_are_removed_and_fresh_ones_kept(tmp_path, monkeypatch):
+    """A torch extension build lock left by a killed process hangs every later DeepSpeed start;
+    clear_stale_build_locks removes locks older than its limit and only reports younger ones."""
+    from hybrid_fc.engine import clear_stale_build_locks
+    old, fresh = tmp_path / "py311_cpu" / "old_op", tmp_path / "py311_cpu" / "busy_op"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "lock").write_text("")
+        (d / "op.so").write_text("built")
+    os.utime(old / "lock", (time.time() - 3600, time.time() - 3600))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    said = []
+    removed = clear_stale_build_locks(1800, print_fn=said.append)
+    assert removed == [str(old / "lock")]
+    assert not (old / "lock").exists() and (fresh / "lock").exists()
+    assert (old / "op.so").exists()
+    assert any("stale" in s and "old_op" in s for s in said)
+    assert any("busy_op" in s and "delete the file" in s for s in said)

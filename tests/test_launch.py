@@ -96,33 +96,52 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     assert meta["class_ranges"] == [[0, 24]] and meta["world_size"] == 1
 
 
-def _train_in_process(rank, world_size, out):
+def _train_in_process(rank, world_size, out, pairs):
+    import contextlib
+    import io
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import train
     args = ["--config", os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
             "--deepspeed_config", os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"),
             "data.source=synthetic", "model.backbone=mlp", "model.input_size=8",
             "head.num_classes=16", "train.steps=8", "train.log_every=4",
-            "train.checkpoint_every=0", "schedule.warmup_steps=2", f"train.output_dir={out}"]
-    hybrid = train.main(args)
+            "train.checkpoint_every=0", "schedule.warmup_steps=2", f"train.output_dir={out}",
+            f"eval.bins={pairs}", "eval.every=3", "eval.batch_size=8"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        hybrid = train.main(args)
     errors = []
-    for bad in (["train.stepz=3"], ["head.sample_rate=1.5"]):
+    for bad in (["train.stepz=3"], ["head.sample_rate=1.5"], ["eval.bins=missing.bin"]):
         try:
             train.main(args + bad)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             errors.append(str(exc))
-    return hybrid.global_steps, hybrid.head_lr, errors
+    return hybrid.global_steps, hybrid.head_lr, errors, printed.getvalue()
 
 
-def test_train_main_synthetic_source_and_config_errors(tmp_path):
+def test_train_main_synthetic_source_verification_and_config_errors(tmp_path):
     """The loop itself (in-process on 2 gloo ranks): synthetic source, warmup + poly schedule to
-    zero at the last step, a checkpoint at the end only, and config errors naming the field."""
+    zero at the last step, a checkpoint at the end only, verification of a .bin pair set every
+    eval.every steps and at the end (on rank 0's output only), and errors naming the field or
+    file."""
     from test_engine_support import run_ranks
+    from hybrid_fc.data import synthetic_pairs
+    from hybrid_fc.evaluation import write_bin
+    pairs = str(tmp_path / "pairs.bin")
+    write_bin(pairs, *synthetic_pairs(16, 6, 20, size=8))
     out = str(tmp_path / "run")
-    for steps, lr, errors in run_ranks(2, _train_in_process, out):
+    results = run_ranks(2, _train_in_process, out, pairs)
+    for rank, (steps, lr, errors, printed) in enumerate(results):
         assert steps == 8 and lr == 0.2 * (1 - 5 / 6) ** 2      # lr of the last step (index 7)
         assert "unknown override 'train.stepz'" in errors[0]
         assert "head.sample_rate" in errors[1]
+        assert "missing.bin" in errors[2]
+        verified = re.findall(r"^verify \[pairs\] step (\d+): accuracy ([\d.]+)%", printed, re.M)
+        if rank == 0:   # steps 3 and 6, then the end (8)
+            assert [int(s) for s, _ in verified] == [3, 6, 8], printed
+            assert all(0 <= float(a) <= 100 for _, a in verified)
+        else:
+            assert verified == []
     names = os.listdir(out)  # (DeepSpeed also drops its zero_to_fp32.py converter here)
     assert {"config.json", "latest"} <= set(names)
     assert [n for n in names if n.startswith("global_step")] == ["global_step8"]

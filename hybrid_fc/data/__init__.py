@@ -16,11 +16,12 @@ from .recordio import IRHeader, RecordIOError, RecordIOFile, unpack_record
 from .shards import ConvertPlan, convert, parse_size
 from .sources import FolderSource, ListSource, RecordIOSource, SourceError, open_source
 from .storage import register_s3_handler
-from .synthetic import SyntheticSource, encode_jpeg, make_synthetic, synthetic_image
+from .synthetic import (SyntheticSource, encode_jpeg, make_synthetic, synthetic_image,
+                        synthetic_pairs)
 
 __all__ = ["augment", "available_decoders", "make_decoder", "Manifest", "ShardError",
            "ShardLoader", "check_shards", "load_manifest", "make_loader", "IRHeader",
            "RecordIOError", "RecordIOFile", "unpack_record", "ConvertPlan", "convert",
            "parse_size", "FolderSource", "ListSource", "RecordIOSource", "SourceError",
            "open_source", "register_s3_handler", "SyntheticSource", "encode_jpeg",
-           "make_synthetic", "synthetic_image"]
+           "make_synthetic", "synthetic_image", "synthetic_pairs"]

@@ -12,14 +12,15 @@ is also resumable. Images depend on numpy's Generator streams, which the resume 
 via the numpy version.
 """
 import io
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 from .shards import convert
 from .sources import Source
 
-__all__ = ["synthetic_image", "encode_jpeg", "SyntheticSource", "make_synthetic"]
+__all__ = ["synthetic_image", "encode_jpeg", "SyntheticSource", "make_synthetic",
+           "synthetic_pairs"]
 
 
 def _identity_base(identity: int, size: int, seed: int) -> np.ndarray:
@@ -109,3 +110,35 @@ def make_synthetic(out: str, identities: int, images_per_id: int, *, size: int =
     source = SyntheticSource(identities, images_per_id, size, seed, quality)
     return convert(source, out, shard_size=shard_size, samples_per_shard=samples_per_shard,
                    workers=workers, shuffle_seed=seed, progress=progress)
+
+
+def synthetic_pairs(first_identity: int, identities: int, num_pairs: int, size: int = 112,
+                    seed: int = 0) -> Tuple[List[bytes], List[bool]]:
+    """A verification pair set over identities [first_identity, first_identity + identities):
+    (2 * num_pairs JPEG images, num_pairs is-same flags), same and different pairs alternating.
+
+    Pick identities a training set does not contain (make_synthetic writes 0 .. identities-1)
+    to test generalization to unseen identities. Image numbers start at 1000, so even for a
+    training identity no pair image is one of make_synthetic's (it writes images 0, 1, ...).
+    Write it as an insightface .bin with hybrid_fc.evaluation.write_bin(path, *pairs)."""
+    if identities < 2:
+        raise ValueError(f"identities must be >= 2 (different-identity pairs), got {identities}")
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    rng = np.random.default_rng([seed, 5])
+    ids = np.arange(first_identity, first_identity + identities)
+    used = {}
+
+    def next_image(identity):
+        used[identity] = used.get(identity, 0) + 1
+        return encode_jpeg(synthetic_image(int(identity), 1000 + used[identity], size, seed))
+
+    images, issame = [], []
+    for i in range(num_pairs):
+        if i % 2 == 0:
+            a = b = rng.choice(ids)
+        else:
+            a, b = rng.choice(ids, 2, replace=False)
+        images += [next_image(a), next_image(b)]
+        issame.append(bool(a == b))
+    return images, issame

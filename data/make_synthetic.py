@@ -20,13 +20,15 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--noise", type=float, default=6.0,
+                   help="per-pixel noise std (0-255); higher is harder to learn (default 6)")
     p.add_argument("--shard-size", default="256MB")
     p.add_argument("--samples-per-shard", type=int, default=None)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
     return run_cli("make_synthetic", args.out, lambda: make_synthetic(
         args.out, args.identities, args.images_per_id, size=args.size, seed=args.seed,
-        quality=args.quality, workers=args.workers, samples_per_shard=args.samples_per_shard,
+        quality=args.quality, noise=args.noise, workers=args.workers, samples_per_shard=args.samples_per_shard,
         shard_size=args.shard_size))
 
 

@@ -71,13 +71,16 @@ class SyntheticSource(Source):
     kind = "synthetic"
 
     def __init__(self, identities: int, images_per_id: int, size: int = 112, seed: int = 0,
-                 quality: int = 90):
+                 quality: int = 90, noise: float = 6.0):
         for name, v in (("identities", identities), ("images_per_id", images_per_id),
                         ("size", size)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v!r}")
         if not 1 <= quality <= 100:
             raise ValueError(f"quality must be in 1..100, got {quality!r}")
+        if not noise >= 0:
+            raise ValueError(f"noise must be >= 0, got {noise!r}")
+        self.noise = float(noise)
         self.identities, self.images_per_id = int(identities), int(images_per_id)
         self.size, self.seed, self.quality = int(size), int(seed), int(quality)
         self.num_samples = self.identities * self.images_per_id
@@ -86,7 +89,7 @@ class SyntheticSource(Source):
     def fingerprint(self):
         return {"kind": self.kind, "identities": self.identities,
                 "images_per_id": self.images_per_id, "size": self.size, "seed": self.seed,
-                "quality": self.quality, "numpy": np.__version__}
+                "quality": self.quality, "noise": self.noise, "numpy": np.__version__}
 
     def mean_sample_bytes(self):
         picks = range(0, self.num_samples, max(1, self.num_samples // 8))
@@ -94,7 +97,8 @@ class SyntheticSource(Source):
 
     def _encoded(self, index: int) -> bytes:
         identity, image = divmod(index, self.images_per_id)
-        return encode_jpeg(synthetic_image(identity, image, self.size, self.seed), self.quality)
+        return encode_jpeg(synthetic_image(identity, image, self.size, self.seed, self.noise),
+                           self.quality)
 
     def iter_indices(self, indices):
         for i in indices.tolist():
@@ -102,18 +106,19 @@ class SyntheticSource(Source):
 
 
 def make_synthetic(out: str, identities: int, images_per_id: int, *, size: int = 112,
-                   seed: int = 0, quality: int = 90, workers: int = 1,
+                   seed: int = 0, quality: int = 90, noise: float = 6.0, workers: int = 1,
                    samples_per_shard: Optional[int] = None, shard_size="256MB",
                    progress=None) -> dict:
     """Write a synthetic identity dataset as shards + manifest.json under `out`; returns the
-    manifest (see shards.convert)."""
-    source = SyntheticSource(identities, images_per_id, size, seed, quality)
+    manifest (see shards.convert). `noise`: std of the per-pixel Gaussian noise (0-255 scale);
+    raise it to make identities harder to tell apart."""
+    source = SyntheticSource(identities, images_per_id, size, seed, quality, noise)
     return convert(source, out, shard_size=shard_size, samples_per_shard=samples_per_shard,
                    workers=workers, shuffle_seed=seed, progress=progress)
 
 
 def synthetic_pairs(first_identity: int, identities: int, num_pairs: int, size: int = 112,
-                    seed: int = 0) -> Tuple[List[bytes], List[bool]]:
+                    seed: int = 0, noise: float = 6.0) -> Tuple[List[bytes], List[bool]]:
     """A verification pair set over identities [first_identity, first_identity + identities):
     (2 * num_pairs JPEG images, num_pairs is-same flags), same and different pairs alternating.
 
@@ -131,7 +136,8 @@ def synthetic_pairs(first_identity: int, identities: int, num_pairs: int, size: 
 
     def next_image(identity):
         used[identity] = used.get(identity, 0) + 1
-        return encode_jpeg(synthetic_image(int(identity), 1000 + used[identity], size, seed))
+        return encode_jpeg(synthetic_image(int(identity), 1000 + used[identity], size, seed,
+                                           noise))
 
     images, issame = [], []
     for i in range(num_pairs):

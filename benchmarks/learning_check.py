@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--noise", type=float, default=6.0,
                    help="per-pixel noise std of the synthetic images (higher: harder)")
+    p.add_argument("--distinct", type=float, default=1.0,
+                   help="identities' distance from a shared appearance, (0, 1] (lower: harder)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     p.add_argument("--ranks", type=int, default=2)
@@ -49,12 +51,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_pairs(path, identities, heldout, num_pairs, size, seed, noise):
+def make_pairs(path, identities, heldout, num_pairs, size, seed, noise, distinct):
     """num_pairs // 2 same pairs and as many different pairs of held-out identities
     (ids identities .. identities + heldout - 1, never trained on)."""
     from hybrid_fc.data import synthetic_pairs
     from hybrid_fc.evaluation import write_bin
-    write_bin(path, *synthetic_pairs(identities, heldout, num_pairs, size, seed, noise))
+    write_bin(path, *synthetic_pairs(identities, heldout, num_pairs, size, seed, noise,
+                                     distinct))
 
 
 def train(args, rate, data, run_dir):
@@ -132,12 +135,12 @@ def main(argv=None):
         from hybrid_fc.data import make_synthetic
         t0 = time.time()
         make_synthetic(data, args.identities, args.images, size=args.size, seed=args.seed,
-                       noise=args.noise, workers=2, samples_per_shard=2000)
+                       noise=args.noise, distinct=args.distinct, workers=2, samples_per_shard=2000)
         print(f"wrote {args.identities} x {args.images} images in {time.time() - t0:.0f} s")
     pairs = os.path.join(args.out, "heldout_pairs.bin")
     if not os.path.isfile(pairs):
         make_pairs(pairs, args.identities, args.heldout, args.pairs, args.size, args.seed,
-                   args.noise)
+                   args.noise, args.distinct)
     results, curves = {}, {}
     for rate in args.rates:
         run_dir = os.path.join(args.out, f"r{rate:g}")

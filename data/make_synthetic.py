@@ -22,13 +22,16 @@ def main(argv=None):
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--noise", type=float, default=6.0,
                    help="per-pixel noise std (0-255); higher is harder to learn (default 6)")
+    p.add_argument("--distinct", type=float, default=1.0,
+                   help="identities' distance from a shared appearance, in (0, 1]; lower is "
+                        "harder (default 1)")
     p.add_argument("--shard-size", default="256MB")
     p.add_argument("--samples-per-shard", type=int, default=None)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
     return run_cli("make_synthetic", args.out, lambda: make_synthetic(
         args.out, args.identities, args.images_per_id, size=args.size, seed=args.seed,
-        quality=args.quality, noise=args.noise, workers=args.workers, samples_per_shard=args.samples_per_shard,
+        quality=args.quality, noise=args.noise, distinct=args.distinct, workers=args.workers, samples_per_shard=args.samples_per_shard,
         shard_size=args.shard_size))
 
 

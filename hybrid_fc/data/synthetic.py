@@ -38,10 +38,19 @@ def _identity_base(identity: int, size: int, seed: int) -> np.ndarray:
     return base
 
 
+_COMMON = 2 ** 40  # the identity id of the shared "population" appearance (never trained on)
+
+
 def synthetic_image(identity: int, image: int, size: int = 112, seed: int = 0,
-                    noise: float = 6.0) -> np.ndarray:
-    """Image `image` of `identity` as uint8 (size, size, 3) RGB, before JPEG encoding."""
+                    noise: float = 6.0, distinct: float = 1.0) -> np.ndarray:
+    """Image `image` of `identity` as uint8 (size, size, 3) RGB, before JPEG encoding.
+
+    distinct: how far identities are from a shared appearance, 1.0 (default) fully their own,
+    0.3 only 30% of the way (harder to tell apart); noise: per-pixel noise std (0-255)."""
     base = _identity_base(identity, size, seed)
+    if distinct != 1.0:
+        common = _identity_base(_COMMON, size, seed)
+        base = common + np.float32(distinct) * (base - common)
     rng = np.random.default_rng([seed, identity, image + 1])
     shift = max(1, size // 16)
     dy, dx = rng.integers(-shift, shift + 1, 2)
@@ -71,7 +80,7 @@ class SyntheticSource(Source):
     kind = "synthetic"
 
     def __init__(self, identities: int, images_per_id: int, size: int = 112, seed: int = 0,
-                 quality: int = 90, noise: float = 6.0):
+                 quality: int = 90, noise: float = 6.0, distinct: float = 1.0):
         for name, v in (("identities", identities), ("images_per_id", images_per_id),
                         ("size", size)):
             if int(v) < 1:
@@ -80,7 +89,9 @@ class SyntheticSource(Source):
             raise ValueError(f"quality must be in 1..100, got {quality!r}")
         if not noise >= 0:
             raise ValueError(f"noise must be >= 0, got {noise!r}")
-        self.noise = float(noise)
+        if not 0 < distinct <= 1:
+            raise ValueError(f"distinct must be in (0, 1], got {distinct!r}")
+        self.noise, self.distinct = float(noise), float(distinct)
         self.identities, self.images_per_id = int(identities), int(images_per_id)
         self.size, self.seed, self.quality = int(size), int(seed), int(quality)
         self.num_samples = self.identities * self.images_per_id
@@ -89,7 +100,8 @@ class SyntheticSource(Source):
     def fingerprint(self):
         return {"kind": self.kind, "identities": self.identities,
                 "images_per_id": self.images_per_id, "size": self.size, "seed": self.seed,
-                "quality": self.quality, "noise": self.noise, "numpy": np.__version__}
+                "quality": self.quality, "noise": self.noise,
+                "distinct": self.distinct, "numpy": np.__version__}
 
     def mean_sample_bytes(self):
         picks = range(0, self.num_samples, max(1, self.num_samples // 8))
@@ -97,8 +109,8 @@ class SyntheticSource(Source):
 
     def _encoded(self, index: int) -> bytes:
         identity, image = divmod(index, self.images_per_id)
-        return encode_jpeg(synthetic_image(identity, image, self.size, self.seed, self.noise),
-                           self.quality)
+        return encode_jpeg(synthetic_image(identity, image, self.size, self.seed, self.noise,
+                                           self.distinct), self.quality)
 
     def iter_indices(self, indices):
         for i in indices.tolist():
@@ -106,19 +118,21 @@ class SyntheticSource(Source):
 
 
 def make_synthetic(out: str, identities: int, images_per_id: int, *, size: int = 112,
-                   seed: int = 0, quality: int = 90, noise: float = 6.0, workers: int = 1,
+                   seed: int = 0, quality: int = 90, noise: float = 6.0, distinct: float = 1.0,
+                   workers: int = 1,
                    samples_per_shard: Optional[int] = None, shard_size="256MB",
                    progress=None) -> dict:
     """Write a synthetic identity dataset as shards + manifest.json under `out`; returns the
-    manifest (see shards.convert). `noise`: std of the per-pixel Gaussian noise (0-255 scale);
-    raise it to make identities harder to tell apart."""
-    source = SyntheticSource(identities, images_per_id, size, seed, quality, noise)
+    manifest (see shards.convert). `noise` and `distinct`: see synthetic_image (more noise or
+    less distinct identities make them harder to tell apart)."""
+    source = SyntheticSource(identities, images_per_id, size, seed, quality, noise, distinct)
     return convert(source, out, shard_size=shard_size, samples_per_shard=samples_per_shard,
                    workers=workers, shuffle_seed=seed, progress=progress)
 
 
 def synthetic_pairs(first_identity: int, identities: int, num_pairs: int, size: int = 112,
-                    seed: int = 0, noise: float = 6.0) -> Tuple[List[bytes], List[bool]]:
+                    seed: int = 0, noise: float = 6.0, distinct: float = 1.0
+                    ) -> Tuple[List[bytes], List[bool]]:
     """A verification pair set over identities [first_identity, first_identity + identities):
     (2 * num_pairs JPEG images, num_pairs is-same flags), same and different pairs alternating.
 
@@ -137,7 +151,7 @@ def synthetic_pairs(first_identity: int, identities: int, num_pairs: int, size: 
     def next_image(identity):
         used[identity] = used.get(identity, 0) + 1
         return encode_jpeg(synthetic_image(int(identity), 1000 + used[identity], size, seed,
-                                           noise))
+                                           noise, distinct))
 
     images, issame = [], []
     for i in range(num_pairs):

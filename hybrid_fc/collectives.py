@@ -5,14 +5,14 @@ group has one rank. Backends: gloo (CPU tests) and NCCL (GPUs). gloo has no redu
 there the gather's backward is an all-reduce followed by taking the local slice (same result,
 W times the traffic); NCCL uses reduce_scatter_tensor.
 """
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "group_rank", "group_size", "gather_batch_meta", "all_gather_varlen", "all_gather_rows",
-    "scale_grad", "sharded_margin_softmax_ce", "sync_buffers",
+    "scale_grad", "sharded_margin_softmax_ce", "sync_buffers", "comm_device",
 ]
 
 
@@ -22,6 +22,13 @@ def group_size(group) -> int:
 
 def group_rank(group) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def comm_device(group) -> torch.device:
+    """Where a tensor for a collective on `group` must live (NCCL: this rank's GPU; else CPU)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def gather_batch_meta(meta: torch.Tensor, group) -> List[List[int]]:

@@ -185,6 +185,11 @@ class HybridEngine:
             self.compute_dtype = torch.float32
         _check_batchnorm_dtypes(engine.module)
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The backbone nn.Module (as DeepSpeed's `engine.module`), e.g. for evaluation."""
+        return self.engine.module
+
     # -- properties for logging ------------------------------------------------------------
     @property
     def global_steps(self) -> int:

@@ -27,13 +27,12 @@ result on W ranks equals the result on 1 rank up to float summation order inside
 tuples, bools, numbers and numpy arrays/scalars; anything else is refused (a pickle can
 otherwise run arbitrary code).
 """
-import io
 import logging
 import math
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -221,18 +220,8 @@ def decode_images(images: Sequence[bytes], image_size: int, where: str = "images
 
 
 def _unwrap(model):
-    """The backbone nn.Module of a HybridEngine, a DeepSpeed engine, or the module itself."""
-    if hasattr(model, "head") and hasattr(model, "engine"):  # hybrid_fc.engine.HybridEngine
-        model = model.engine
+    """The backbone nn.Module of a HybridEngine or DeepSpeed engine (`.module`), or the module."""
     return getattr(model, "module", model)
-
-
-def _comm_device(group) -> torch.device:
-    """Where a tensor for a collective on `group` must live (NCCL: this rank's GPU)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _device_dtype(module) -> Tuple[torch.device, torch.dtype]:
@@ -484,7 +473,7 @@ class VerificationHook:
     def __init__(self, paths: Sequence[str], every: int, image_size: int, *, batch_size: int = 64,
                  flip: bool = True, nfolds: int = 10, group=None, writer=None,
                  print_fn=None):
-        from hybrid_fc.collectives import gather_batch_meta, group_rank, group_size
+        from hybrid_fc.collectives import comm_device, gather_batch_meta, group_rank, group_size
         if isinstance(paths, str):
             paths = [paths]
         if not paths:
@@ -517,7 +506,7 @@ class VerificationHook:
                 break
         if self.world > 1:
             flags = gather_batch_meta(torch.tensor([int(error is not None)],
-                                                   device=_comm_device(group)), group)
+                                                   device=comm_device(group)), group)
             bad = [r for r, (f,) in enumerate(flags) if f]
             if bad and error is None:
                 raise BinFileError(f"pair files {list(paths)}: rank {bad[0]} failed to read "

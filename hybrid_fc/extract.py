@@ -15,7 +15,7 @@ memory: one batch at a time), then rank 0 concatenates the parts in rank order, 
 global order above. The folder holding `out` must be visible to every rank (shared filesystem).
 """
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -94,8 +94,8 @@ def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image
     """Embed every image of `source` (an image folder, or shards: a manifest folder/file, a
     brace pattern or a list of URLs) and write `out` (.npy), its keys and labels files.
     Collective over `group`; returns the number of images."""
-    from hybrid_fc.collectives import gather_batch_meta, group_rank, group_size
-    from hybrid_fc.evaluation import _comm_device, decode_images, embed_images
+    from hybrid_fc.collectives import comm_device, gather_batch_meta, group_rank, group_size
+    from hybrid_fc.evaluation import decode_images, embed_images
     if not out.endswith(".npy"):
         raise ValueError(f"out must be a .npy path, got {out!r}")
     rank, world = group_rank(group), group_size(group)
@@ -131,7 +131,7 @@ def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image
         error = exc
     # Also the barrier: every part file is complete when this returns on any rank.
     meta = gather_batch_meta(torch.tensor([count, dim, int(error is not None)],
-                                          device=_comm_device(group)), group)
+                                          device=comm_device(group)), group)
     if error is not None:
         raise error
     if any(m[2] for m in meta):
@@ -168,5 +168,5 @@ def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image
                     os.remove(f"{stem}.part{r:05d}{ext}")
                 except FileNotFoundError:
                     pass
-    gather_batch_meta(torch.tensor([0], device=_comm_device(group)), group)  # out is complete
+    gather_batch_meta(torch.tensor([0], device=comm_device(group)), group)  # out is complete
     return total

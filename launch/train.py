@@ -237,7 +237,7 @@ def main(argv=None):
             log.add(loss)
         log.maybe_print(hybrid)
         step = hybrid.global_steps
-        if verify is not None and step % cfg.eval.every == 0 and step < cfg.train.steps:
+        if verify is not None and step < cfg.train.steps:  # the hook acts every eval.every
             log.exclude(lambda: verify(hybrid, step))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 __all__ = [
     "group_rank", "group_size", "gather_batch_meta", "all_gather_varlen", "all_gather_rows",
-    "scale_grad", "sharded_margin_softmax_ce", "sync_buffers", "comm_device",
+    "scale_grad", "sharded_margin_softmax_ce", "sync_buffers", "comm_device", "all_ranks_true",
 ]
 
 
@@ -29,6 +29,16 @@ def comm_device(group) -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_ranks_true(flag: bool, group=None) -> bool:
+    """True on every rank iff `flag` is true on every rank of `group` (one tiny all-reduce):
+    a decision taken per rank (e.g. from memory the rank measured) that all must share."""
+    if group_size(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 def gather_batch_meta(meta: torch.Tensor, group) -> List[List[int]]:
@@ -176,8 +186,14 @@ def _block_bounds(total: int, block: int):
 
 
 def _rows_and_inv_norm(weight: torch.Tensor, rows: torch.Tensor, out_inv=None):
-    """Gather rows of the fp32 master weight: (c, D) raw rows and (c,) 1 / ||row||."""
+    """Gather rows of the stored weight: (c, D) raw rows as fp32 and (c,) 1 / ||row||.
+
+    bf16 storage is converted once here (the norm, the matmul operand and backward's projection
+    all want fp32 rows; torch's fp32-accumulating norm of bf16 input is ~3x slower on CPU than
+    converting first)."""
     w = weight.index_select(0, rows)
+    if w.dtype != torch.float32:
+        w = w.float()
     inv = torch.linalg.vector_norm(w, dim=1, out=out_inv)
     return w, inv.clamp_min_(1e-12).reciprocal_()
 
@@ -218,36 +234,53 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
     of this rank's shard, with the margin on each row's target logit, and returns the mean
     cross-entropy over the N rows of the global batch (the same value on every rank).
     Work is done in blocks of `block` sampled rows. With `keep_probs` (the fast path) each
-    block's exponentials (N, c) and gathered rows (c, D) are kept for backward and freed as
-    backward consumes them (three matmuls per step, activation memory O(S * (N + D)));
-    without it only (N,) and (S,) vectors are kept and each block is gathered and its logits
-    recomputed in backward (four matmuls, activation memory O(block * (N + D))).
+    block's exponentials (N, c) are kept for backward and freed as backward consumes them
+    (three matmuls per step); without it only (N,) and (S,) vectors are kept and each block's
+    logits are recomputed in backward (four matmuls, activation memory O(block * (N + D))).
+
+    Storage dtype of the weight: fp32 keeps each block's fp32 exponentials and its gathered
+    rows (activation memory O(S * (N + D)) x 4 bytes). bf16 storage (no fp32 master; the mode
+    for hundreds of millions of classes) keeps the exponentials in bf16, each block relative to
+    its own row max (fp32 (N,) per block), and gathers the rows again in backward: activation
+    memory S * N * 2 bytes, gradient rows in bf16. The softmax statistics, the target
+    probabilities and every matmul accumulation stay fp32.
     """
 
     @staticmethod
     def forward(ctx, emb, weight, index, target, margin, group, block, keep_probs, sparse_grad):
-        # emb: (N, D) normalized, compute dtype; weight: (num_local, D) fp32 master;
+        # emb: (N, D) normalized, compute dtype; weight: (num_local, D) stored (fp32 or bf16);
         # index: (S,) sampled local rows, sorted; target: (N,) position in index or -1.
         n, s_rows = emb.shape[0], index.shape[0]
         scale = margin.scale
         owned = target >= 0
+        low = weight.dtype != torch.float32
 
-        # Target cosines in fp32 from the master rows (N x D, cheap), margin applied.
+        # Target cosines in fp32 from the stored rows (N x D, cheap), margin applied.
         w_t, inv_t = _rows_and_inv_norm(weight, index.index_select(0, target.clamp(min=0)))
         cos_t = (emb.float() * w_t).sum(1).mul_(inv_t).clamp_(-1.0, 1.0)  # (N,)
+        del w_t
         logit_t = margin(cos_t) * scale                                    # (N,) fp32
 
         row_max = torch.full((n,), float("-inf"), device=emb.device)
         inv_norms = torch.empty(s_rows, device=emb.device)  # (S,) kept for backward
-        blocks = []  # keep_probs: (N, c) fp32 logits, then exponentials
-        row_blocks = []  # keep_probs: (c, D) gathered fp32 rows
+        blocks = []  # keep_probs: (N, c) fp32 logits then exponentials; bf16 storage: bf16 exps
+        row_blocks = []  # keep_probs with fp32 storage: (c, D) gathered rows
+        block_max = []  # keep_probs with bf16 storage: (N,) fp32 max of each block
+        block_sum = []  # keep_probs with bf16 storage: (N,) fp32 sum of each block's exps
         run_sum = None if keep_probs else torch.zeros(n, device=emb.device)
         for a, b in _block_bounds(s_rows, block):
             w_b, inv_b = _rows_and_inv_norm(weight, index[a:b], out_inv=inv_norms[a:b])
             in_block = owned & (target >= a) & (target < b)
             logits = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
             bmax = logits.amax(dim=1)
-            if keep_probs:
+            if keep_probs and low:  # exps relative to the block's own max, stored in bf16
+                e = logits.sub_(bmax.unsqueeze(1)).exp_()
+                block_sum.append(e.sum(1))
+                blocks.append(e.to(weight.dtype))
+                block_max.append(bmax)
+                del e
+                torch.maximum(row_max, bmax, out=row_max)
+            elif keep_probs:
                 blocks.append(logits)
                 row_blocks.append(w_b)
                 torch.maximum(row_max, bmax, out=row_max)
@@ -256,10 +289,17 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
                 run_sum.mul_(torch.exp(row_max - new_max)).add_(
                     logits.sub_(new_max.unsqueeze(1)).exp_().sum(1))
                 row_max = new_max
+            del logits, w_b
 
         local_max = row_max
         row_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)  # (N,) global max
-        if keep_probs:
+        if keep_probs and low:
+            local_sum = torch.zeros(n, device=emb.device)
+            for k, (bmax, bsum) in enumerate(zip(block_max, block_sum)):
+                block_max[k] = torch.exp(bmax - row_max)    # now: block exps -> exp(l - max)
+                local_sum.add_(bsum * block_max[k])
+            block_sum = None
+        elif keep_probs:
             local_sum = torch.zeros(n, device=emb.device)
             for logits in blocks:
                 local_sum.add_(logits.sub_(row_max.unsqueeze(1)).exp_().sum(1))
@@ -272,7 +312,7 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         loss = (torch.log(sum_exp) + row_max - tgt).mean()
 
         ctx.margin, ctx.block, ctx.keep_probs, ctx.sparse_grad = margin, block, keep_probs, sparse_grad
-        ctx.blocks, ctx.row_blocks = blocks, row_blocks
+        ctx.blocks, ctx.row_blocks, ctx.block_factor = blocks, row_blocks, block_max
         ctx.save_for_backward(emb, weight, index, target, cos_t, logit_t, row_max, sum_exp,
                               inv_norms)
         return loss
@@ -286,29 +326,37 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         n, s_rows = emb.shape[0], index.shape[0]
         scale = margin.scale
         owned = target >= 0
+        low = weight.dtype != torch.float32
         g = grad_loss.float() / n  # d(mean)/d(row loss), a 0-dim tensor: no host sync
         # d loss / d logit = (p - onehot) * g with p = exp(l - max) / sum_exp; then times s for
         # d / d cos, and at the target also times margin'(cos).
         row_f = (g * scale / sum_exp).unsqueeze(1)                      # (N, 1)
+        p_t = torch.exp(logit_t - row_max) / sum_exp                    # (N,) target probability
         with torch.enable_grad():
             c = cos_t.detach().requires_grad_(True)
             dmargin, = torch.autograd.grad(margin(c).sum(), c)
+        tgt_grad = (p_t - 1.0) * g * scale * dmargin                    # (N,) d loss / d cos_t
         grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device)
-        grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=torch.float32, device=emb.device)
+        # (S, D) gradient of the sampled rows, in the storage dtype (bf16: half the bytes).
+        grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=weight.dtype, device=emb.device)
         for k, (a, b) in enumerate(_block_bounds(s_rows, block)):
             inv_b = inv_norms[a:b]
             in_block = owned & (target >= a) & (target < b)
-            if ctx.keep_probs:  # exp(l - max) and rows from forward, released as we go
+            if ctx.keep_probs and low:  # bf16 exps of forward, rows gathered again
+                e, ctx.blocks[k] = ctx.blocks[k], None
+                factor, ctx.block_factor[k] = ctx.block_factor[k], None
+                dlog = e.float().mul_((factor.unsqueeze(1) * row_f))
+                del e
+                w_b = weight.index_select(0, index[a:b]).float()
+            elif ctx.keep_probs:  # exp(l - max) and rows from forward, released as we go
                 dlog, ctx.blocks[k] = ctx.blocks[k], None
                 w_b, ctx.row_blocks[k] = ctx.row_blocks[k], None
+                dlog.mul_(row_f)
             else:
-                w_b = weight.index_select(0, index[a:b])
+                w_b = weight.index_select(0, index[a:b]).float()
                 dlog = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
-                dlog.sub_(row_max.unsqueeze(1)).exp_()
-            cols = (target - a).clamp(0, b - a - 1)
-            p_t = dlog.gather(1, cols.unsqueeze(1)).squeeze(1) / sum_exp
-            dlog.mul_(row_f)
-            _put_targets(dlog, target - a, in_block, (p_t - 1.0) * g * scale * dmargin)
+                dlog.sub_(row_max.unsqueeze(1)).exp_().mul_(row_f)
+            _put_targets(dlog, target - a, in_block, tgt_grad)
             # dlog is d loss / d cos (N, c). With u = w * k the matmul operand (k = 1 for raw
             # rows, k = 1/||w|| for fp16's normalized ones) and dlog' = dlog * (1/||w||) / k:
             #   d emb += dlog' @ u                                    (N, D)
@@ -320,7 +368,8 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             dlog = dlog.to(emb.dtype)
             grad_emb.add_(torch.matmul(dlog, op))
             del op
-            rows = grad_rows[a:b]
+            rows = grad_rows[a:b] if not low else torch.empty(
+                (b - a, weight.shape[1]), dtype=torch.float32, device=emb.device)
             if emb.dtype == torch.float32:
                 torch.matmul(dlog.t(), emb, out=rows)  # straight into the gradient buffer
             else:
@@ -330,8 +379,10 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             rows.addcmul_(w_b, coef.unsqueeze(1), value=-1.0)
             if col is None:
                 rows.mul_(inv_b.unsqueeze(1))
-            del w_b
-        ctx.blocks = ctx.row_blocks = None
+            if low:
+                grad_rows[a:b].copy_(rows)  # fp32 -> bf16, round to nearest
+            del w_b, rows
+        ctx.blocks = ctx.row_blocks = ctx.block_factor = None
 
         if ctx.sparse_grad:
             grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape,

@@ -18,13 +18,23 @@ from .collectives import (all_gather_rows, all_gather_varlen, gather_batch_meta,
                           group_size, scale_grad, sharded_margin_softmax_ce)
 from .margins import MarginBase
 from .partition import ClassRange
+from .precision import WEIGHT_DTYPES, parse_dtype
 from .sampler import num_sample_for, sample_classes
 
-__all__ = ["PartialFC", "init_class_centers"]
+__all__ = ["PartialFC", "init_class_centers", "auto_block_elems"]
 
 _INIT_BLOCK = 1 << 16  # classes per independently seeded init block
 # Logit elements per block when chunk_size is None (64 MB of fp32 temporaries per block).
 _AUTO_BLOCK_ELEMS = 1 << 24
+
+
+def auto_block_elems(weight_dtype: torch.dtype, device) -> int:
+    """Logit elements per block when chunk_size is None. bf16 storage on a CPU: 1/16 of it, so
+    that its extra conversion passes run in cache (and its point, memory, is not spent on
+    temporaries); GPUs keep large blocks (fewer kernel launches)."""
+    if weight_dtype != torch.float32 and torch.device(device).type == "cpu":
+        return _AUTO_BLOCK_ELEMS // 16
+    return _AUTO_BLOCK_ELEMS
 
 
 def _seed_for(*parts) -> int:
@@ -32,13 +42,16 @@ def _seed_for(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0.01) -> torch.Tensor:
+def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0.01,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows [start, end) of a (C, dim) N(0, std^2) matrix that does not depend on the sharding.
 
     Classes are drawn in blocks of 65,536 with a seed per block, so any rank layout (and a
-    single-process reference) produces the same centers for the same classes.
+    single-process reference) produces the same centers for the same classes. Each block is
+    drawn in fp32 and written straight into the `dtype` output (bf16: rounded to nearest), so
+    the peak is the output plus one fp32 block, never a whole fp32 copy.
     """
-    out = torch.empty(end - start, dim)
+    out = torch.empty(end - start, dim, dtype=dtype)
     first, last = start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK
     for blk in range(first, last + 1):
         g = torch.Generator().manual_seed(_seed_for("init", seed, blk))
@@ -74,15 +87,22 @@ class PartialFC(nn.Module):
       equal_batches: promise that every rank passes the same batch size. Together with
         check_inputs=False this removes the per-step metadata gather, the head's only host
         sync in forward (on GPUs it waits for the backbone's forward kernels).
+      weight_dtype: storage of the class centers: torch.float32 (default; exact) or
+        torch.bfloat16 (2 bytes per element and no fp32 master copy; the sampled rows'
+        gradient and the kept exponentials are bf16 too). Update a bf16 head with
+        hybrid_fc.optim's SparseSGD / SparseAdamW, which compute in fp32 and write back with
+        stochastic rounding (torch's optimizers would round every update to nearest and lose
+        the ones below bf16's spacing).
 
-    Precision: the master weight is fp32. Embeddings in bf16/fp16 make the matmuls run in that
-    precision; normalization of the centers, softmax, loss and gradients are fp32.
+    Precision: embeddings in bf16/fp16 make the matmuls run in that precision; normalization of
+    the centers, softmax statistics, loss and the accumulation of gradients are fp32.
+    `weight.row_offset` (= class_start) tells hybrid_fc.optim the global class id of row 0.
     """
 
     def __init__(self, margin_loss: MarginBase, embedding_size: int, num_classes: int,
                  sample_rate: float = 1.0, *, process_group=None, sparse_grad: bool = False,
                  chunk_size: Optional[int] = None, seed: int = 0, check_inputs: bool = True,
-                 equal_batches: bool = False, device=None):
+                 equal_batches: bool = False, weight_dtype=torch.float32, device=None):
         super().__init__()
         if not isinstance(margin_loss, MarginBase):
             raise TypeError("margin_loss must be an ArcFace, CosFace or CombinedMarginLoss "
@@ -95,6 +115,7 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        weight_dtype = parse_dtype(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
         self.process_group = process_group
         self.world_size = group_size(process_group)
         self.rank = group_rank(process_group)
@@ -114,15 +135,23 @@ class PartialFC(nn.Module):
         self.class_start = self.class_range.start
         self.num_local = self.class_range.num_local
         self.num_sample = num_sample_for(self.sample_rate, self.num_local)
-        weight = init_class_centers(self.class_start, self.class_range.end, embedding_size, seed)
+        weight = init_class_centers(self.class_start, self.class_range.end, embedding_size, seed,
+                                    dtype=weight_dtype)
         self.weight = nn.Parameter(weight.to(device) if device is not None else weight)
+        self.weight.row_offset = self.class_start  # global class id of row 0 (hybrid_fc.optim)
         self._generator: Optional[torch.Generator] = None
 
     def extra_repr(self):
         return (f"margin={self.margin_loss}, embedding_size={self.embedding_size}, "
                 f"num_classes={self.num_classes}, classes=[{self.class_start}, "
                 f"{self.class_range.end}) on rank {self.rank}/{self.world_size}, "
-                f"sample_rate={self.sample_rate}, sparse_grad={self.sparse_grad}")
+                f"sample_rate={self.sample_rate}, sparse_grad={self.sparse_grad}, "
+                f"weight_dtype={self.weight_dtype}")
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """Storage dtype of the class centers (float32 or bfloat16)."""
+        return self.weight.dtype
 
     # -- sampler stream --------------------------------------------------------------------
     def _stream(self) -> torch.Generator:
@@ -209,7 +238,8 @@ class PartialFC(nn.Module):
         with torch.no_grad():
             index, target = sample_classes(glabels - self.class_start, self.num_local,
                                            self.num_sample, self._stream())
-        block = self.chunk_size or max(1, _AUTO_BLOCK_ELEMS // emb.shape[0])
+        block = self.chunk_size or max(1, auto_block_elems(self.weight.dtype, device)
+                                       // emb.shape[0])
         return sharded_margin_softmax_ce(emb, self.weight, index, target, self.margin_loss, group,
                                          block=block, keep_probs=self.chunk_size is None,
                                          sparse_grad=self.sparse_grad)

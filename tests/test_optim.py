@@ -87,10 +87,14 @@ def test_bf16_state_halves_memory_and_stays_close():
     assert (p16 - p32).abs().max() < 1e-2 * (p32 - w0).abs().max()
 
 
-def test_head_with_sparse_sgd_learns():
+@pytest.mark.parametrize("weight_dtype, state_dtype", [(torch.float32, torch.float32),
+                                                       (torch.bfloat16, torch.int8)])
+def test_head_with_sparse_sgd_learns(weight_dtype, state_dtype):
     torch.manual_seed(3)
-    head = PartialFC(ArcFace(32.0, 0.3), 8, 300, 0.2, sparse_grad=True, seed=1)
-    opt = SparseSGD(head.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+    head = PartialFC(ArcFace(32.0, 0.3), 8, 300, 0.2, sparse_grad=True, seed=1,
+                     weight_dtype=weight_dtype)
+    opt = SparseSGD(head.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4,
+                    state_dtype=state_dtype)
     protos = torch.randn(300, 8)
     labels = torch.randint(0, 300, (64,))
     emb = protos[labels] + 0.1 * torch.randn(64, 8)
@@ -101,13 +105,15 @@ def test_head_with_sparse_sgd_learns():
         loss.backward()
         opt.step()
         first = first if first is not None else loss.item()
+    assert head.weight.dtype == weight_dtype
     assert loss.item() < 0.5 * first
 
 
 @pytest.mark.parametrize("make, match", [
     (lambda p: SparseSGD(p, lr=-1.0), "lr"),
     (lambda p: SparseSGD(p, lr=0.1, momentum=1.0), "momentum"),
-    (lambda p: SparseSGD(p, lr=0.1, state_dtype=torch.int8), "state_dtype"),
+    (lambda p: SparseSGD(p, lr=0.1, state_dtype=torch.uint8), "state_dtype"),
+    (lambda p: SparseSGD(p, lr=0.1, rounding="up"), "rounding"),
     (lambda p: SparseAdamW(p, lr=0.1, betas=(0.9, 1.0)), "betas"),
     (lambda p: SparseAdamW(p, lr=0.1, eps=0.0), "eps"),
 ])

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hybrid_fc import ArcFace, PartialFC  # noqa: E402
 from hybrid_fc.optim import SparseSGD  # noqa: E402
 from hybrid_fc.partition import ClassRange  # noqa: E402
+from hybrid_fc.plan import PlanInput, plan  # noqa: E402
 from hybrid_fc.sampler import num_sample_for  # noqa: E402
 
 
@@ -38,6 +39,27 @@ def _peak_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB
+
+
+def _now_gb(device):
+    """Memory held right now: CUDA allocations, or this process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 1e9
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def _warm_up(device, dim):
+    """One-time costs that are not the head's, paid before the baseline is read: the BLAS
+    library's workspace (first matmul) and torch.optim's first step, which imports
+    torch._dynamo (~150 MB of modules on CPU)."""
+    torch.mm(torch.randn(64, dim, device=device), torch.randn(dim, 4096, device=device))
+    p = torch.nn.Parameter(torch.zeros(4, 4, device=device))
+    p.grad = torch.ones_like(p)
+    SparseSGD([p], lr=0.1).step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _sync(device):
@@ -146,12 +168,14 @@ def _run_phase(rank, world, port, phase, args, queue):
     cr = ClassRange(args.classes, world, rank)
     num_sample = num_sample_for(args.sample_rate, cr.num_local)
     n = args.batch * world
+    _warm_up(device, args.dim)
+    before = _now_gb(device)  # the interpreter, torch and the process group: not the head's
     if phase == "head":
-        state_dtype = getattr(torch, args.momentum_dtype)
         head = PartialFC(ArcFace(64.0, 0.5), args.dim, args.classes, args.sample_rate,
-                         sparse_grad=True, chunk_size=args.chunk_size, device=device)
+                         sparse_grad=True, chunk_size=args.chunk_size, device=device,
+                         weight_dtype=getattr(torch, args.weight_dtype))
         opt = SparseSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
-                        state_dtype=state_dtype)
+                        state_dtype=getattr(torch, args.state_dtype), rounding=args.rounding)
 
         def step(i):
             x, y = _batch(args, rank, i, device)
@@ -168,7 +192,7 @@ def _run_phase(rank, world, port, phase, args, queue):
             _baseline_loss(weight, x, y, cr, num_sample).backward()
             opt.step()
     out = _measure(step, args, device, n, num_sample)
-    out["num_local"], out["num_sample"] = cr.num_local, num_sample
+    out["num_local"], out["num_sample"], out["before_gb"] = cr.num_local, num_sample, before
     queue.put((rank, out))
     dist.destroy_process_group()
 
@@ -206,11 +230,23 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=None,
                     help="PartialFC chunk_size (recompute path); default keeps probabilities")
-    ap.add_argument("--momentum-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="storage of the class centers (PartialFC weight_dtype)")
+    ap.add_argument("--state-dtype", "--momentum-dtype", dest="state_dtype", default="float32",
+                    choices=["float32", "bfloat16", "float16", "int8"],
+                    help="SparseSGD momentum storage (--momentum-dtype: the old name)")
+    ap.add_argument("--rounding", default="stochastic", choices=["stochastic", "nearest"],
+                    help="write-back of bf16 centers")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / W)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="stay on CPU/gloo even if CUDA is present")
+    ap.add_argument("--exact-rss", action="store_true",
+                    help="CPU: allocations over 64 KiB are mmapped and returned when freed "
+                         "(MALLOC_MMAP_THRESHOLD_), so peak RSS tracks live memory instead of "
+                         "glibc's retained heap; slows the steps (page faults): memory runs only")
     args = ap.parse_args(argv)
+    if args.exact_rss:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc in the spawned ranks
 
     head = _phase("head", args)
     base = None if args.skip_baseline else _phase("baseline", args)
@@ -218,7 +254,8 @@ def main(argv=None):
     result = {
         "classes": args.classes, "dim": args.dim, "batch": args.batch,
         "sample_rate": args.sample_rate, "world_size": args.world_size,
-        "chunk_size": args.chunk_size, "momentum_dtype": args.momentum_dtype,
+        "chunk_size": args.chunk_size, "weight_dtype": args.weight_dtype,
+        "state_dtype": args.state_dtype, "rounding": args.rounding,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu
         else f"cpu x{os.cpu_count()}",
         "head_ms": round(max(o["ms"] for o in head), 2),
@@ -227,6 +264,18 @@ def main(argv=None):
         "head_over_gemm": round(max(o["ratio"] for o in head), 3),
         "peak_rss_gb": round(max(o["peak_gb"] for o in head), 3),
         "bytes_per_element": round(max(o["peak_gb"] for o in head) * 1e9 / elems, 2),
+        # what the head itself adds: peak minus the process just before the head was built
+        "net_bytes_per_element": round(max((o["peak_gb"] - o["before_gb"]) for o in head)
+                                       * 1e9 / elems, 3),
+        "net_head_bytes": int(max((o["peak_gb"] - o["before_gb"]) for o in head) * 1e9),
+        # hybrid_fc.plan's figure for the same head (rank 0): what launch/plan.py would say
+        "planned_head_bytes": int(plan(PlanInput(
+            classes=args.classes, dim=args.dim, gpus=args.world_size, gpu_memory=1 << 50,
+            sample_rate=args.sample_rate, micro_batch=args.batch, precision="fp32",
+            weight_dtype=args.weight_dtype, state_dtype=args.state_dtype,
+            head_optimizer="sparse_sgd", sparse_grad=True, chunk_size=args.chunk_size,
+            reserve=0, device="cuda" if torch.cuda.is_available() and not args.cpu else "cpu"))
+            .head_bytes),
     }
     if base:
         result["baseline_ms"] = round(max(o["ms"] for o in base), 2)

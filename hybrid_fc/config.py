@@ -66,10 +66,15 @@ class HeadConfig:
     chunk_size: Optional[int] = None
     """Score sampled classes in blocks of this many, recomputing logits in backward (memory)."""
     seed: int = 0
-    """Seed of the class-center init and the negative sampler."""
+    """Seed of the class-center init, the negative sampler and the stochastic rounding."""
+    weight_dtype: str = "float32"
+    """Storage of the class centers: float32 (exact) or bfloat16 (2 bytes per element, no fp32
+    master copy, stochastic rounding by the head optimizer; needs a sparse_* head optimizer)."""
 
     def __post_init__(self):
         _require(self.num_classes >= 1, "head.num_classes", "must be >= 1", self.num_classes)
+        _require(self.weight_dtype in ("float32", "bfloat16"), "head.weight_dtype",
+                 "must be float32 or bfloat16", self.weight_dtype)
         _require(self.margin in ("arcface", "cosface", "combined"), "head.margin",
                  "must be arcface, cosface or combined", self.margin)
         _require(self.scale > 0, "head.scale", "must be > 0", self.scale)
@@ -98,8 +103,19 @@ class HeadOptimConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 5.0
     """Clip the head gradient to this global L2 norm across all ranks' shards; 0 disables."""
+    state_dtype: str = "float32"
+    """sparse_* optimizers: storage of momentum / Adam moments: float32, bfloat16, float16 or
+    int8 (one fp32 scale per class center; 1 byte per element)."""
+    rounding: str = "stochastic"
+    """sparse_* optimizers with head.weight_dtype=bfloat16: how updated centers are written back:
+    stochastic (unbiased: small updates survive on average) or nearest (the ablation)."""
 
     def __post_init__(self):
+        _require(self.state_dtype in ("float32", "bfloat16", "float16", "int8"),
+                 "head_optim.state_dtype", "must be float32, bfloat16, float16 or int8",
+                 self.state_dtype)
+        _require(self.rounding in ("stochastic", "nearest"), "head_optim.rounding",
+                 "must be stochastic or nearest", self.rounding)
         _require(self.name in ("sgd", "adamw", "sparse_sgd", "sparse_adamw"), "head_optim.name",
                  "must be sgd, adamw, sparse_sgd or sparse_adamw", self.name)
         _require(self.lr > 0, "head_optim.lr", "must be > 0", self.lr)
@@ -180,6 +196,9 @@ class TrainConfig:
     """Seed of the backbone init and the data order."""
     tensorboard: bool = True
     """Write TensorBoard scalars to output_dir/tb when tensorboard is installed."""
+    memory_check: bool = True
+    """Plan every rank's memory before building anything (hybrid_fc.plan, as launch/plan.py)
+    and refuse a run that will not fit, printing the plan and the setting to change."""
 
     def __post_init__(self):
         _require(self.steps >= 1, "train.steps", "must be >= 1", self.steps)
@@ -233,6 +252,13 @@ class ExperimentConfig:
         _require(not self.head.sparse_grad or self.head_optim.name.startswith("sparse_"),
                  "head.sparse_grad", "needs head_optim.name sparse_sgd or sparse_adamw",
                  self.head.sparse_grad)
+        sparse_opt = self.head_optim.name.startswith("sparse_")
+        _require(self.head.weight_dtype == "float32" or sparse_opt, "head.weight_dtype",
+                 "bfloat16 centers need head_optim.name sparse_sgd or sparse_adamw (they write "
+                 "back with stochastic rounding; torch's optimizers would round every update to "
+                 "nearest)", self.head.weight_dtype)
+        _require(self.head_optim.state_dtype == "float32" or sparse_opt, "head_optim.state_dtype",
+                 "is an option of sparse_sgd / sparse_adamw only", self.head_optim.state_dtype)
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}

@@ -22,12 +22,12 @@ overflow, which DeepSpeed decides for all ranks together, so head and backbone s
 import math
 import os
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks"]
+__all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks", "rank_memory_bytes"]
 
 
 def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> List[str]:
@@ -67,6 +67,26 @@ def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> Li
             print_fn(f"hybrid_fc: build lock {lock} is {age:.0f} s old: DeepSpeed will wait for "
                      "it; if no other process is building that op, delete the file")
     return removed
+
+
+def rank_memory_bytes(device: torch.device) -> Tuple[int, float]:
+    """(bytes one rank may use, reserve to keep back) for the memory plan: a GPU's total memory
+    with 3 GB kept for the CUDA context, NCCL and allocator slack; on a CPU the memory the
+    system reports available now, shared by this node's ranks (LOCAL_WORLD_SIZE), with 1 GB
+    per rank kept for the interpreter and DeepSpeed."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, 3e9
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))), 1e9
 
 
 class WarmupDecay:

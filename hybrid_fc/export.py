@@ -190,11 +190,14 @@ def save_backbone(path: str, out: str, tag: Optional[str] = None, **model_overri
 
 
 # -- class centers -----------------------------------------------------------------------------
-def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str] = None):
+def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str] = None,
+                         report=None):
     """The (C, D) fp32 class-center matrix: head shards concatenated by class range.
 
     With `out` (a .npy path) it is written through a memory map and the path is returned;
-    without, the tensor is returned (for small heads)."""
+    without, the tensor is returned (for small heads). Centers stored in bf16
+    (head.weight_dtype=bfloat16) are widened to fp32 exactly; `report` (e.g. print) is told the
+    stored dtype when it is not fp32."""
     save_dir, tag = resolve_checkpoint(path, tag)
     hdir = os.path.join(save_dir, tag, "hybrid")
     meta_path = os.path.join(hdir, "meta.json")
@@ -209,7 +212,7 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
         centers = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(C, D))
     else:
         centers = np.empty((C, D), np.float32)
-    covered = 0
+    covered, stored = 0, set()
     for r, (start, n) in enumerate(meta["class_ranges"]):
         shard_path = os.path.join(hdir, f"head-rank{r:05d}.pt")
         if not os.path.isfile(shard_path):
@@ -223,9 +226,13 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
                                   f"{shard['weight'].shape[-1]}; meta.json says [{start}, "
                                   f"{start + n}) of width {D}")
         centers[start:start + n] = shard["weight"].float().numpy()
+        stored.add(str(shard["weight"].dtype).replace("torch.", ""))
         covered += n
     if covered != C:
         raise CheckpointError(f"{hdir}: head shards cover {covered} of {C} classes")
+    if report is not None and stored != {"float32"}:
+        report(f"class centers: stored as {', '.join(sorted(stored))} in the checkpoint, "
+               "written as float32 (every bf16 value is exactly an fp32 value)")
     if out is not None:
         centers.flush()
         del centers

@@ -48,7 +48,8 @@ def main(argv=None):
               f"{info['max_abs_diff']:.2e} at batch sizes {info['batch_sizes']}", flush=True)
     if args.centers:
         written["centers"] = export_class_centers(args.checkpoint,
-                                                  os.path.join(args.out, "centers.npy"), args.tag)
+                                                  os.path.join(args.out, "centers.npy"), args.tag,
+                                                  report=lambda s: print(s, flush=True))
     print(json.dumps(written, indent=1), flush=True)
     return written
 

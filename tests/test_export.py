@@ -130,6 +130,27 @@ def test_class_centers(zero3_run, tmp_path):
     np.testing.assert_array_equal(np.load(path), ref.numpy())
 
 
+def test_bf16_class_centers_export_as_fp32_and_say_so(tmp_path):
+    """Shards of a bf16 head (head.weight_dtype=bfloat16), two class ranges: centers.npy is
+    float32 with exactly the stored values, and the report names the stored dtype."""
+    import json
+    hdir = tmp_path / "run" / "global_step1" / "hybrid"
+    hdir.mkdir(parents=True)
+    full = torch.randn(7, 4).bfloat16()
+    ranges = [[0, 4], [4, 3]]
+    for r, (s, n) in enumerate(ranges):
+        torch.save({"class_start": s, "num_local": n, "weight": full[s:s + n].clone()},
+                   hdir / f"head-rank{r:05d}.pt")
+    (hdir / "meta.json").write_text(json.dumps({"num_classes": 7, "embedding_size": 4,
+                                                "class_ranges": ranges}))
+    (tmp_path / "run" / "latest").write_text("global_step1")
+    said = []
+    path = export_class_centers(str(tmp_path / "run"), str(tmp_path / "c.npy"), report=said.append)
+    got = np.load(path)
+    assert got.dtype == np.float32 and np.array_equal(got, full.float().numpy())
+    assert len(said) == 1 and "stored as bfloat16" in said[0] and "float32" in said[0]
+
+
 def test_checkpoint_without_backbone(tmp_path):
     run = tmp_path / "run"
     (run / "global_step5" / "hybrid").mkdir(parents=True)

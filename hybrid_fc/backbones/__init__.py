@@ -3,14 +3,15 @@
 `build_backbone(name, embedding_size, input_size=112, **kwargs)` is the one entry point the
 launcher uses. Backbones are pure math (no torch.distributed) and map images to embeddings.
 """
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
+import torch
 from torch import nn
 
 from .iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100
 from .mobilefacenet import MobileFaceNet, mobilefacenet, mobilefacenet_large
 
-__all__ = ["build_backbone", "backbone_names", "IResNet", "MobileFaceNet", "TinyMLP",
+__all__ = ["build_backbone", "backbone_names", "backbone_size", "IResNet", "MobileFaceNet", "TinyMLP",
            "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet",
            "mobilefacenet_large"]
 
@@ -70,3 +71,32 @@ def build_backbone(name: str, embedding_size: int, input_size: int = 112, **kwar
     kwargs.setdefault("pretrained", False)
     model = timm.create_model(name, num_classes=embedding_size, **kwargs)
     return model
+
+
+def backbone_size(name: str, embedding_size: int, input_size: int = 112, micro_batch: int = 1,
+                  **kwargs) -> Tuple[int, int]:
+    """(parameter count, activation elements of one training micro-batch), computed on torch's
+    meta device: shapes only, nothing allocated, seconds even for iresnet100.
+
+    The activation figure sums the output of every leaf module in a training-mode forward of
+    (micro_batch, 3, input_size, input_size): each is kept once for backward (as the next
+    layer's saved input), so it estimates the activation memory in elements (multiply by the
+    compute dtype's bytes). In-place activations or recomputation would make the real figure
+    smaller."""
+    with torch.device("meta"):
+        model = build_backbone(name, embedding_size, input_size=input_size, **kwargs)
+    params = sum(p.numel() for p in model.parameters())
+    total = [0]
+
+    def count(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel()
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        model.train()
+        with torch.no_grad():
+            model(torch.empty(micro_batch, 3, input_size, input_size, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return params, total[0]

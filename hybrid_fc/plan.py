@@ -1,0 +1,383 @@
+"""Memory planner: what one rank holds for a head of C classes beside a ZeRO backbone.
+
+Pure arithmetic over shapes and dtypes (no torch.distributed, no allocation), so it runs on a
+laptop for a 300M-class job and in launch/train.py before anything large is built. Rank 0 is
+planned: it owns the most classes (ceil(C / W)). Every line mirrors what the code allocates:
+
+head, held all run long
+  centers                 L x D x weight bytes (fp32 4, bf16 2)
+  optimizer state         SGD momentum: L x D x state bytes; AdamW: two moments + an int64 step
+                          per row; int8 state adds one fp32 scale per row per moment
+head, one step (peak of forward + backward, or of the optimizer step, whichever is larger)
+  gathered embeddings     N x D in the compute dtype, its fp32 gradient, labels
+  sampled rows' gradient  S x D x weight bytes (dense gradient: L x D x weight bytes)
+  kept for backward       chunk_size None: the (N, S) exponentials (fp32 4 bytes, bf16 storage
+                          2 bytes) and, for fp32 storage, the gathered (S, D) fp32 rows;
+                          chunk_size set: nothing (logits recomputed block by block)
+  logits per block        one block's (N, c) fp32 logits and (c, D) rows in flight
+  sampler                 L fp32 keys + L flags + top-k of S (before the blocks, not with them)
+  optimizer step          the sampled rows' gradient + one update block's fp32 temporaries
+backbone (ZeRO paper accounting, P parameters, W ranks)
+  parameters / gradients  2 bytes each under bf16/fp16, 4 under fp32; ZeRO-3 divides the
+                          parameters by W, ZeRO-2 and 3 the gradients
+  optimizer state         fp32 master (mixed precision) + momentum (SGD) or two moments (Adam),
+                          divided by W from ZeRO-1 on
+  activations             an estimate: every layer output of one micro-batch, kept once
+reserve                   CUDA context, NCCL buffers, allocator slack (a fixed allowance)
+
+N = micro batch x W (the gathered global batch), S = max(sample_rate x L, min(N, L)) sampled rows
+(all positives of the batch may land on one shard).
+"""
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .head import auto_block_elems
+from .optim import _ROW_BLOCK_ELEMS
+from .sampler import num_sample_for
+
+__all__ = ["PlanInput", "Plan", "plan", "plan_experiment", "parse_count", "parse_bytes",
+           "format_bytes", "from_deepspeed_config", "backbone_footprint"]
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+               "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
+               "tib": 2 ** 40}
+_COUNT_UNITS = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9}
+
+
+def parse_count(text) -> int:
+    """'300M' -> 300_000_000; '2.5k' -> 2500; plain integers pass through."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"not a count: {text!r} (e.g. 300000000, 300M, 2.5k)")
+    value = float(m.group(1)) * _COUNT_UNITS[m.group(2)]
+    if value != int(value):
+        raise ValueError(f"not a whole count: {text!r}")
+    return int(value)
+
+
+def parse_bytes(text) -> int:
+    """'80GB' -> 80e9 bytes (decimal), '80GiB' -> 80 x 2^30; plain numbers are bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GB, 80GiB, 24e9)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """One rank's job, in the terms of the YAML and the DeepSpeed JSON."""
+
+    classes: int
+    """C, classes over all ranks."""
+    dim: int
+    """D, the embedding width."""
+    gpus: int
+    """W, ranks in all (nodes x GPUs per node)."""
+    gpu_memory: int
+    """Bytes of memory one rank may use."""
+    sample_rate: float = 1.0
+    """head.sample_rate."""
+    micro_batch: int = 128
+    """Images per rank per micro-step (DeepSpeed train_micro_batch_size_per_gpu)."""
+    precision: str = "bf16"
+    """Backbone and embedding compute precision: fp32, bf16 or fp16."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage of the backbone, 0-3."""
+    backbone_optimizer: str = "sgd"
+    """sgd (one momentum) or adam (two moments) for the backbone."""
+    backbone_params: int = 0
+    """Backbone parameter count."""
+    activation_elems: int = 0
+    """Backbone activations of one micro-batch, in elements (an estimate)."""
+    weight_dtype: str = "float32"
+    """head.weight_dtype."""
+    state_dtype: str = "float32"
+    """head_optim.state_dtype."""
+    head_optimizer: str = "sparse_sgd"
+    """head_optim.name: sgd, adamw, sparse_sgd, sparse_adamw."""
+    momentum: bool = True
+    """SGD head optimizer with momentum (else no state)."""
+    sparse_grad: bool = True
+    """head.sparse_grad."""
+    chunk_size: Optional[int] = None
+    """head.chunk_size."""
+    reserve: int = 3 * 10 ** 9
+    """CUDA context, NCCL buffers, allocator slack (not planned line by line)."""
+    device: str = "cuda"
+    """cuda or cpu: the head picks smaller blocks for bf16 storage on a CPU."""
+
+    def __post_init__(self):
+        for name in ("classes", "dim", "gpus", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.classes < self.gpus:
+            raise ValueError(f"classes={self.classes} is smaller than gpus={self.gpus}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.weight_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"weight_dtype must be float32 or bfloat16, got {self.weight_dtype!r}")
+        if self.state_dtype not in _BYTES:
+            raise ValueError(f"state_dtype must be one of {', '.join(_BYTES)}, "
+                             f"got {self.state_dtype!r}")
+        if self.head_optimizer not in ("sgd", "adamw", "sparse_sgd", "sparse_adamw"):
+            raise ValueError(f"head_optimizer must be sgd, adamw, sparse_sgd or sparse_adamw, "
+                             f"got {self.head_optimizer!r}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
+
+
+@dataclass
+class Plan:
+    inp: PlanInput
+    rows: List[Tuple[str, float, str]] = field(default_factory=list)
+    """(item, bytes, what it is) in table order; the peak-time items are counted as described
+    by `head_bytes` / `per_gpu_bytes`."""
+    head_bytes: float = 0.0
+    """Everything the head holds at its peak (held + the larger of step and optimizer peaks)."""
+    backbone_bytes: float = 0.0
+    per_gpu_bytes: float = 0.0
+    fits: bool = False
+    max_classes: int = 0
+    advice: str = ""
+
+    @property
+    def headroom(self) -> float:
+        return self.inp.gpu_memory - self.per_gpu_bytes
+
+    def table(self) -> str:
+        width = max(len(r[0]) for r in self.rows) + 2
+        lines = [f"memory plan per rank (rank 0 of {self.inp.gpus}: "
+                 f"{_local(self.inp):,} classes x {self.inp.dim})"]
+        for name, value, note in self.rows:
+            lines.append(f"  {name:<{width}}{format_bytes(value):>14}   {note}")
+        lines.append(f"  {'total per rank':<{width}}{format_bytes(self.per_gpu_bytes):>14}   "
+                     f"of {format_bytes(self.inp.gpu_memory)}: "
+                     + ("fits" if self.fits else "DOES NOT FIT")
+                     + f", headroom {format_bytes(self.headroom)}")
+        lines.append(f"  largest class count that fits with the rest unchanged: "
+                     f"{self.max_classes:,}")
+        if self.advice:
+            lines.append(f"  {self.advice}")
+        return "\n".join(lines)
+
+    def summary(self) -> Dict:
+        """The machine-readable result (launch/plan.py prints it as its last line)."""
+        inp = asdict(self.inp)
+        return {"fits": self.fits, "per_gpu_bytes": int(self.per_gpu_bytes),
+                "head_bytes": int(self.head_bytes), "backbone_bytes": int(self.backbone_bytes),
+                "gpu_memory": self.inp.gpu_memory, "headroom_bytes": int(self.headroom),
+                "max_classes": self.max_classes, "advice": self.advice,
+                "items": {name: int(v) for name, v, _ in self.rows}, "input": inp}
+
+
+def _local(inp: PlanInput) -> int:
+    return -(-inp.classes // inp.gpus)  # rank 0 owns ceil(C / W)
+
+
+def _head(inp: PlanInput):
+    """(held rows, step rows, optimizer-step rows), each [(name, bytes, note)]."""
+    L, D, W = _local(inp), inp.dim, inp.gpus
+    N = inp.micro_batch * W
+    wb = _BYTES[inp.weight_dtype]
+    cb = 4 if inp.precision == "fp32" else 2
+    sparse_opt = inp.head_optimizer.startswith("sparse_")
+    sb = _BYTES[inp.state_dtype] if sparse_opt else 4
+    S = min(L, max(num_sample_for(inp.sample_rate, L), min(N, L)))
+    adam = inp.head_optimizer.endswith("adamw")
+    moments = 2 if adam else (1 if inp.momentum else 0)
+    scale = L * 4 * moments if sb == 1 else 0
+    held = [("centers", L * D * wb, f"{L:,} x {D} {inp.weight_dtype}"),
+            ("optimizer state", L * D * sb * moments + scale + (L * 8 if adam else 0),
+             f"{moments} x {inp.state_dtype if sparse_opt else 'float32'}"
+             + (" + row scales" if scale else "") + (" + row steps" if adam else ""))]
+    grad = S * D * wb if inp.sparse_grad else L * D * wb
+    block = inp.chunk_size or max(1, auto_block_elems(getattr(torch, inp.weight_dtype),
+                                                      inp.device) // N)
+    block = min(block, S)
+    if inp.chunk_size is None:
+        kept = S * N * (4 if wb == 4 else 2) + (S * D * 4 if wb == 4 else 0)
+        kept_note = (f"(N={N}, S={S:,}) exponentials"
+                     + (" + (S, D) rows, fp32" if wb == 4 else ", bf16"))
+    else:
+        kept, kept_note = 0, "none: chunk_size recomputes"
+    # One block in flight: its fp32 logits / exponentials and its rows as fp32 (bf16 storage
+    # adds the bf16 gather and an fp32 gradient block; fp32 keep-probs reuses what is kept).
+    if wb == 4 and inp.chunk_size is None:
+        per_block = N * D * 4
+    else:
+        per_block = N * block * 4 + block * D * (4 if wb == 4 else 10)
+    sampler = (L * 5 + S * 28) if S < L else 0
+    emb = N * D * (cb + 4) + N * 16 + S * 12
+    step = [("gathered embeddings", emb, f"({N}, {D}) + fp32 gradient, labels, indices"),
+            ("sampled rows' gradient", grad, (f"({S:,}, {D}) {inp.weight_dtype}" if inp.sparse_grad
+                                              else f"dense ({L:,}, {D})")),
+            ("kept for backward", kept, kept_note),
+            ("logits per block", max(per_block, sampler),
+             f"{block:,} classes a block" + (" (the sampler's keys, the larger)"
+                                             if sampler > per_block else ""))]
+    opt_temp = min(_ROW_BLOCK_ELEMS, S * D) * (24 if wb == 2 or sb == 1 else 12)
+    opt = [("optimizer step", grad + opt_temp, "gradient + one update block")]
+    return held, step, opt
+
+
+def backbone_footprint(params: int, precision: str, zero_stage: int, optimizer: str, gpus: int):
+    """(parameters, gradients, optimizer state) bytes per rank, the ZeRO paper's accounting."""
+    mixed = precision in ("bf16", "fp16")
+    p_bytes = params * (2 if mixed else 4)
+    g_bytes = params * (2 if mixed else 4)
+    moments = 2 if optimizer == "adam" else 1
+    o_bytes = params * 4 * (moments + (1 if mixed else 0))
+    if zero_stage >= 1:
+        o_bytes /= gpus
+    if zero_stage >= 2:
+        g_bytes /= gpus
+    if zero_stage >= 3:
+        p_bytes /= gpus
+    return p_bytes, g_bytes, o_bytes
+
+
+def _evaluate(inp: PlanInput) -> Plan:
+    held, step, opt = _head(inp)
+    p_b, g_b, o_b = backbone_footprint(inp.backbone_params, inp.precision, inp.zero_stage,
+                                       inp.backbone_optimizer, inp.gpus)
+    act = inp.activation_elems * (4 if inp.precision == "fp32" else 2)
+    held_b = sum(r[1] for r in held)
+    step_b = sum(r[1] for r in step)
+    opt_b = sum(r[1] for r in opt)
+    plan = Plan(inp)
+    plan.head_bytes = held_b + max(step_b, opt_b)
+    plan.backbone_bytes = p_b + g_b + o_b + act
+    # Backbone activations live through the head's forward and backward; the two optimizer
+    # steps come after they are freed.
+    plan.per_gpu_bytes = held_b + p_b + g_b + o_b + max(step_b + act, opt_b) + inp.reserve
+    plan.fits = plan.per_gpu_bytes <= inp.gpu_memory
+    z = f"ZeRO-{inp.zero_stage}"
+    plan.rows = [(f"head: {n}", v, note) for n, v, note in held + step + opt] + [
+        ("backbone: parameters", p_b, f"{inp.backbone_params:,} x {inp.precision}"
+         + (", / ranks" if inp.zero_stage >= 3 else "")),
+        ("backbone: gradients", g_b, z + (", / ranks" if inp.zero_stage >= 2 else "")),
+        ("backbone: optimizer state", o_b, f"{inp.backbone_optimizer}, " + z
+         + (", / ranks" if inp.zero_stage >= 1 else "")),
+        ("backbone: activations", act, f"estimate, micro batch {inp.micro_batch}"),
+        ("reserve", inp.reserve, "CUDA context, NCCL, allocator slack"),
+    ]
+    return plan
+
+
+def _max_classes(inp: PlanInput) -> int:
+    """Largest C that fits with everything else unchanged (0 if none)."""
+    def fits(c):
+        return _evaluate(replace(inp, classes=c)).fits
+    if not fits(inp.gpus):
+        return 0
+    lo, hi = inp.gpus, max(inp.gpus, inp.classes)
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 10 ** 13:
+            return lo
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _advice(inp: PlanInput, plan: Plan) -> str:
+    if plan.fits:
+        return ""
+    tries = []
+    if inp.chunk_size is None:
+        tries.append(("head.chunk_size=65536", replace(inp, chunk_size=65536)))
+    if inp.weight_dtype == "float32" or inp.state_dtype != "int8":
+        tries.append(("head.weight_dtype=bfloat16 head_optim.state_dtype=int8 "
+                      "(head_optim.name=sparse_sgd)",
+                      replace(inp, weight_dtype="bfloat16", state_dtype="int8",
+                              head_optimizer="sparse_" + inp.head_optimizer.replace("sparse_", ""),
+                              sparse_grad=True)))
+        if inp.chunk_size is None:
+            tries.append(("head.weight_dtype=bfloat16 head_optim.state_dtype=int8 "
+                          "head.chunk_size=65536",
+                          replace(inp, weight_dtype="bfloat16", state_dtype="int8",
+                                  chunk_size=65536, sparse_grad=True,
+                                  head_optimizer="sparse_" + inp.head_optimizer.replace("sparse_", ""))))
+    if not inp.sparse_grad:
+        tries.insert(0, ("head.sparse_grad=true (head_optim.name=sparse_sgd)",
+                         replace(inp, sparse_grad=True,
+                                 head_optimizer="sparse_" + inp.head_optimizer.replace("sparse_", ""))))
+    for text, alt in tries:
+        if _evaluate(alt).fits:
+            return f"would fit with {text}"
+    gpus = inp.gpus
+    while gpus < 1 << 20 and not _evaluate(replace(inp, gpus=gpus)).fits:
+        gpus *= 2
+    lo = gpus // 2
+    if gpus < 1 << 20:
+        while gpus - lo > 1:
+            mid = (lo + gpus) // 2
+            lo, gpus = (lo, mid) if _evaluate(replace(inp, gpus=mid)).fits else (mid, gpus)
+        return f"needs at least {gpus} ranks with these settings (or a smaller micro batch)"
+    return "does not fit at any rank count: lower the micro batch or the embedding width"
+
+
+def plan(inp: PlanInput) -> Plan:
+    """The per-rank memory plan of `inp`, with `max_classes` and advice when it does not fit."""
+    result = _evaluate(inp)
+    result.max_classes = _max_classes(inp)
+    result.advice = _advice(inp, result)
+    return result
+
+
+def from_deepspeed_config(ds: Dict) -> Dict:
+    """PlanInput fields the DeepSpeed JSON owns: precision, ZeRO stage, backbone optimizer,
+    micro batch."""
+    if ds.get("bf16", {}).get("enabled"):
+        precision = "bf16"
+    elif ds.get("fp16", {}).get("enabled"):
+        precision = "fp16"
+    else:
+        precision = "fp32"
+    opt = str(ds.get("optimizer", {}).get("type", "sgd")).lower()
+    out = {"precision": precision,
+           "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
+           "backbone_optimizer": "adam" if "adam" in opt or "lamb" in opt else "sgd"}
+    if "train_micro_batch_size_per_gpu" in ds:
+        out["micro_batch"] = int(ds["train_micro_batch_size_per_gpu"])
+    return out
+
+
+def plan_experiment(cfg, ds_config: Dict, gpus: int, gpu_memory: int,
+                    reserve: Optional[int] = None, device: str = "cuda") -> Plan:
+    """The plan of a training run: `cfg` an ExperimentConfig (hybrid_fc.config), `ds_config`
+    the DeepSpeed JSON as a dict. The backbone's parameters and activations are computed on
+    torch's meta device (hybrid_fc.backbones.backbone_size; nothing is allocated)."""
+    from .backbones import backbone_size
+    ds = from_deepspeed_config(ds_config)
+    if "micro_batch" not in ds:  # DeepSpeed derives it from the global batch
+        gas = int(ds_config.get("gradient_accumulation_steps", 1))
+        ds["micro_batch"] = max(1, int(ds_config.get("train_batch_size", gpus)) // (gas * gpus))
+    params, act = backbone_size(cfg.model.backbone, cfg.model.embedding_size,
+                                input_size=cfg.model.input_size, micro_batch=ds["micro_batch"],
+                                **cfg.model.backbone_kwargs)
+    extra = {} if reserve is None else {"reserve": int(reserve)}
+    return plan(PlanInput(
+        classes=cfg.head.num_classes, dim=cfg.model.embedding_size, gpus=gpus,
+        gpu_memory=int(gpu_memory), sample_rate=cfg.head.sample_rate,
+        backbone_params=params, activation_elems=act, weight_dtype=cfg.head.weight_dtype,
+        state_dtype=cfg.head_optim.state_dtype, head_optimizer=cfg.head_optim.name,
+        momentum=cfg.head_optim.momentum > 0, sparse_grad=cfg.head.sparse_grad,
+        chunk_size=cfg.head.chunk_size, device=device, **ds, **extra))

@@ -1,0 +1,112 @@
+"""The memory planner (hybrid_fc.plan, launch/plan.py) against measured peaks and by hand."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hybrid_fc.plan import (PlanInput, backbone_footprint, from_deepspeed_config, parse_bytes,
+                            parse_count, plan)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("weight, state, chunk, classes", [
+    ("float32", "float32", None, 1_000_000),
+    ("bfloat16", "int8", None, 2_000_000),
+    ("bfloat16", "int8", 4096, 4_000_000),
+])
+def test_planned_head_bytes_match_measured_peak(weight, state, chunk, classes):
+    """benchmarks/head_bench.py measures the head's peak (CPU: peak RSS minus the RSS just
+    before the head is built, with glibc returning freed blocks, --exact-rss; CUDA: peak
+    allocated) and reports hybrid_fc.plan's figure for the same head: within 10%."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "head_bench.py"),
+           "--classes", str(classes), "--dim", "64", "--batch", "64", "--world-size", "1",
+           "--steps", "1", "--warmup", "2", "--skip-baseline", "--exact-rss",
+           "--weight-dtype", weight, "--state-dtype", state, "--threads", "1"]
+    if chunk:
+        cmd += ["--chunk-size", str(chunk)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = result["net_head_bytes"] / result["planned_head_bytes"]
+    assert 0.9 <= ratio <= 1.1, result
+
+
+def test_parse_counts_and_sizes():
+    assert parse_count("300M") == 300_000_000 and parse_count("300000000") == 300_000_000
+    assert parse_count("2.5k") == 2500 and parse_count(17) == 17
+    assert parse_bytes("80GB") == 80 * 10 ** 9 and parse_bytes("80GiB") == 80 * 2 ** 30
+    for bad in ("lots", "1.5", "3X"):
+        with pytest.raises(ValueError):
+            parse_count(bad)
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes("80 apples")
+
+
+def test_head_items_by_hand():
+    """Every head line from its formula: 1,000 classes on 3 ranks (rank 0 owns 334)."""
+    inp = PlanInput(classes=1000, dim=32, gpus=3, gpu_memory=10 ** 9, sample_rate=0.5,
+                    micro_batch=4, precision="fp32", weight_dtype="bfloat16",
+                    state_dtype="int8", head_optimizer="sparse_sgd", reserve=0, device="cpu")
+    items = plan(inp).summary()["items"]
+    L, S, N = 334, 167, 12
+    assert items["head: centers"] == L * 32 * 2
+    assert items["head: optimizer state"] == L * 32 * 1 + L * 4
+    assert items["head: sampled rows' gradient"] == S * 32 * 2
+    assert items["head: kept for backward"] == S * N * 2
+    adamw = plan(PlanInput(**{**inp.__dict__, "head_optimizer": "sparse_adamw"}))
+    assert adamw.summary()["items"]["head: optimizer state"] == 2 * (L * 32 + L * 4) + L * 8
+    fp32 = plan(PlanInput(**{**inp.__dict__, "weight_dtype": "float32", "state_dtype": "float32"}))
+    assert fp32.summary()["items"]["head: kept for backward"] == S * N * 4 + S * 32 * 4
+
+
+def test_backbone_zero_accounting():
+    p = 1000
+    assert backbone_footprint(p, "bf16", 0, "sgd", 4) == (2000, 2000, 8000)
+    assert backbone_footprint(p, "bf16", 1, "adam", 4) == (2000, 2000, 3000)
+    assert backbone_footprint(p, "fp32", 2, "sgd", 4) == (4000, 1000, 1000)
+    assert backbone_footprint(p, "fp16", 3, "sgd", 4) == (500, 500, 2000)
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "zero2_bf16_adamw.json")))
+    assert from_deepspeed_config(ds) == {"precision": "bf16", "zero_stage": 2,
+                                         "backbone_optimizer": "adam", "micro_batch": 128}
+
+
+def test_max_classes_is_the_edge_and_advice_fits():
+    inp = PlanInput(classes=100_000_000, dim=512, gpus=8, gpu_memory=parse_bytes("40GB"),
+                    sample_rate=0.1, micro_batch=64, backbone_params=20_000_000,
+                    activation_elems=10 ** 9, weight_dtype="float32", state_dtype="float32")
+    p = plan(inp)
+    assert not p.fits and p.advice.startswith("would fit with")
+    edge = p.max_classes
+    assert plan(PlanInput(**{**inp.__dict__, "classes": edge})).fits
+    assert not plan(PlanInput(**{**inp.__dict__, "classes": edge + 8})).fits
+    # the advice names settings that really fit
+    assert "bfloat16" in p.advice or "chunk_size" in p.advice
+
+
+def _plan_cli(*args):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *args],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return out.returncode, json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+
+
+def test_plan_cli_300m_classes_on_one_node():
+    """The README's example: 300M x 512 over 8 x 80 GB, iresnet100, ZeRO-2 bf16, micro batch
+    128, r=0.1: bf16 centers + int8 state fit (with chunk_size); fp32 / fp32 does not."""
+    common = ["--classes", "300M", "--dim", "512", "--gpus", "8", "--gpu-memory", "80GB",
+              "--sample-rate", "0.1", "--backbone", "iresnet100", "--deepspeed_config",
+              "ds_configs/zero2_bf16.json", "--micro-batch", "128"]
+    rc, low, text = _plan_cli(*common, "--weight-dtype", "bfloat16", "--state-dtype", "int8",
+                              "--chunk-size", "65536")
+    assert rc == 0 and low["fits"] and low["max_classes"] >= 300_000_000, text
+    assert low["input"]["backbone_params"] == 65_156_160        # iresnet100, computed
+    for item in ("head: centers", "head: optimizer state", "head: sampled rows' gradient",
+                 "backbone: activations", "backbone: optimizer state"):
+        assert item in low["items"] and item in text
+    assert low["items"]["head: centers"] == 37_500_000 * 512 * 2
+    rc, full, text = _plan_cli(*common, "--weight-dtype", "float32", "--state-dtype", "float32")
+    assert rc == 3 and not full["fits"] and full["max_classes"] < 300_000_000
+    assert "would fit with" in full["advice"], text

@@ -1,6 +1,10 @@
-"""Does Partial FC at sample rate 0.1 learn as well as the full softmax? (issue 5's experiment)
+"""Does a head setting learn as well as the reference? Same data, seed and steps, one run each.
 
-    python benchmarks/learning_check.py          # the defaults: ~2 x 5 min on 2 CPU cores
+    python benchmarks/learning_check.py          # sample rate 1.0 vs 0.1: ~2 x 5 min on 2 cores
+    python benchmarks/learning_check.py --precision --identities 8000 --images 4 \
+        --noise 60 --distinct 0.15 --out runs/precision_check --png benchmarks/precision_check.png
+                                                 # fp32 vs bf16 centers + int8 momentum
+                                                 # (stochastic rounding, and round-to-nearest)
 
 1. Writes a synthetic identity set with hybrid_fc.data.make_synthetic (32x32 JPEG shards):
    `--identities` training identities x `--images` images each, by default harder than the
@@ -9,7 +13,9 @@
 2. Writes a verification pair set from held-out identities (ids `identities` ...
    `identities + heldout - 1` of the same generator, never seen in training): `--pairs` pairs,
    half same-identity, half different, as an insightface-format .bin (hybrid_fc.evaluation).
-3. For each `--rates` value runs the real launcher, same seed, data order and steps:
+3. For each run (`--runs NAME:key=value,key=value ...`; default r1.0 and r0.1, or with
+   `--precision` fp32 / bf16-sr-int8 / bf16-nearest-int8 at sample rate 0.1) runs the real
+   launcher, same seed, data order and steps:
        deepspeed --num_gpus 2 launch/train.py --config launch/configs/quickstart.yaml \\
            --deepspeed_config ds_configs/cpu_zero1_fp32.json head.sample_rate=R ...
 4. Verifies on the held-out pairs every --eval-every steps during training (train.py's
@@ -17,14 +23,14 @@
    near the ceiling on this synthetic task, cannot), then evaluates each final checkpoint (and
    the untrained backbone, the "no learning" reference) with insightface's 10-fold protocol and
    flip TTA, writes OUT/learning_check.json, a PNG of the loss and accuracy curves (--png,
-   default benchmarks/learning_check.png), and prints markdown tables for RESULTS.md.
+   default benchmarks/learning_check.png), and prints markdown tables for RESULTS.md. Loss and
+   accuracy curves are read from each run's metrics.jsonl (hybrid_fc.metrics).
 
 Everything goes under --out (default runs/learning_check); the data is reused when present.
 """
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -48,7 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=100,
                    help="verify on the held-out pairs during training every this many steps")
-    p.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="NAME:section.key=value,... per run (default: r1.0 and r0.1 sample rates)")
+    p.add_argument("--precision", action="store_true",
+                   help="runs: fp32 vs bf16 centers + int8 momentum, stochastic and nearest "
+                        "rounding, all at sample rate 0.1 with sparse_sgd")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "learning_check.png"),
@@ -66,36 +76,53 @@ def make_pairs(path, identities, heldout, num_pairs, size, seed, noise, distinct
                                      distinct))
 
 
-def train(args, rate, data, run_dir, pairs):
+_SPARSE = ["head.sample_rate=0.1", "head.sparse_grad=true", "head_optim.name=sparse_sgd"]
+PRECISION_RUNS = {
+    "fp32": _SPARSE,
+    "bf16-sr-int8": _SPARSE + ["head.weight_dtype=bfloat16", "head_optim.state_dtype=int8"],
+    "bf16-nearest-int8": _SPARSE + ["head.weight_dtype=bfloat16", "head_optim.state_dtype=int8",
+                                    "head_optim.rounding=nearest"],
+}
+RATE_RUNS = {"r1.0": ["head.sample_rate=1.0"], "r0.1": ["head.sample_rate=0.1"]}
+
+
+def run_specs(args):
+    if args.runs:
+        return {name: [o for o in rest.split(",") if o]
+                for name, _, rest in (spec.partition(":") for spec in args.runs)}
+    return PRECISION_RUNS if args.precision else RATE_RUNS
+
+
+def train(args, index, name, run_overrides, data, run_dir, pairs):
+    from hybrid_fc.metrics import LOG_FILE, METRICS_FILE, read_metrics
+    for old in (METRICS_FILE, LOG_FILE):  # a fresh run (train.resume=false): fresh metrics
+        if os.path.exists(os.path.join(run_dir, old)):
+            os.remove(os.path.join(run_dir, old))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           "--master_port", str(29500 + int(rate * 1000) % 400),
+           "--master_port", str(29500 + 7 * index),
            os.path.join(ROOT, "launch", "train.py"),
            "--config", os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
            "--deepspeed_config", os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"),
            f"data.urls={data}", f"head.num_classes={args.identities}",
-           f"head.sample_rate={rate}", f"train.steps={args.steps}",
+           f"train.steps={args.steps}",
            f"train.output_dir={run_dir}", "train.checkpoint_every=0", "train.log_every=10",
            "train.resume=false", "train.tensorboard=false", f"train.seed={args.seed}",
            f"model.input_size={args.size}", f"eval.bins={pairs}",
-           f"eval.every={args.eval_every}", "eval.batch_size=256"] + args.overrides
+           f"eval.every={args.eval_every}", "eval.batch_size=256"] + run_overrides + args.overrides
     print(" ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=ROOT)
-    losses, accs, tail = [], [], []
-    for line in proc.stdout:
+    tail = []
+    for line in proc.stdout:  # people see rank 0's progress; the numbers come from the file
         tail = (tail + [line])[-40:]
-        v = re.match(r"verify \[\w+\] step (\d+): accuracy ([\d.]+)%", line)
-        if v:
-            accs.append((int(v.group(1)), float(v.group(2))))
-        m = re.match(r"step\s+(\d+)/\d+\s+loss\s+([-\d.naif]+)", line)
-        if m:
-            losses.append((int(m.group(1)), float(m.group(2))))
-            if int(m.group(1)) % 100 == 0:
-                print(f"  r={rate}: {line.strip()}", flush=True)
+        if line.startswith("verify ") or (line.startswith("step ") and " 00/" in line[5:12]):
+            print(f"  {name}: {line.strip()}", flush=True)
     if proc.wait() != 0:
-        sys.exit(f"training at sample rate {rate} failed:\n{''.join(tail)}")
+        sys.exit(f"training run {name} failed:\n{''.join(tail)}")
+    losses = [(r["step"], r["loss"]) for r in read_metrics(run_dir, "train")]
+    accs = [(r["step"], 100 * r["accuracy"]) for r in read_metrics(run_dir, "verify")]
     return losses, accs, time.time() - t0
 
 
@@ -120,26 +147,25 @@ def untrained(run_dir, pairs_path, size):
     return evaluate(model, load_bin(pairs_path), size, batch_size=128)
 
 
-def plot(curves, acc_curves, path):
+def plot(curves, acc_curves, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for rate, pts in curves.items():
-        ax.plot([s for s, _ in pts], [v for _, v in pts], label=f"sample_rate {rate:g}")
+    for name, pts in curves.items():
+        ax.plot([s for s, _ in pts], [v for _, v in pts], label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (sampled margin softmax)")
     ax.set_title("training loss")
-    for rate, pts in acc_curves.items():
-        bx.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3,
-                label=f"sample_rate {rate:g}")
+    for name, pts in acc_curves.items():
+        bx.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=name)
     bx.set_xlabel("optimizer step")
     bx.set_ylabel("verification accuracy % (held-out identities)")
     bx.set_title("10-fold accuracy on unseen identities")
     for a in (ax, bx):
         a.legend()
         a.grid(alpha=0.3)
-    fig.suptitle("Partial FC: sample rate 1.0 vs 0.1 (synthetic identities, 2 CPU ranks)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -160,47 +186,49 @@ def main(argv=None):
         make_pairs(pairs, args.identities, args.heldout, args.pairs, args.size, args.seed,
                    args.noise, args.distinct)
     results, curves, acc_curves = {}, {}, {}
-    for rate in args.rates:
-        run_dir = os.path.join(args.out, f"r{rate:g}")
-        losses, accs, seconds = train(args, rate, data, run_dir, pairs)
-        curves[rate], acc_curves[rate] = losses, accs
+    specs = run_specs(args)
+    for index, (name, run_overrides) in enumerate(specs.items()):
+        run_dir = os.path.join(args.out, name)
+        losses, accs, seconds = train(args, index, name, run_overrides, data, run_dir, pairs)
+        curves[name], acc_curves[name] = losses, accs
         r = evaluate_run(run_dir, pairs, args.size)
-        results[rate] = dict(r.as_dict(), train_seconds=seconds, final_loss=losses[-1][1],
-                             first_loss=losses[0][1])
-        print(f"r={rate:g}: accuracy {100 * r.accuracy:.2f} +- {100 * r.std:.2f}  "
+        results[name] = dict(r.as_dict(), train_seconds=seconds, final_loss=losses[-1][1],
+                             first_loss=losses[0][1], overrides=run_overrides)
+        print(f"{name}: accuracy {100 * r.accuracy:.2f} +- {100 * r.std:.2f}  "
               f"({seconds:.0f} s)", flush=True)
-    base = untrained(os.path.join(args.out, f"r{args.rates[0]:g}"), pairs, args.size)
+    base = untrained(os.path.join(args.out, next(iter(specs))), pairs, args.size)
     png = args.png
-    plot(curves, acc_curves, png)
+    plot(curves, acc_curves, png, " vs ".join(specs) + f" (synthetic identities, "
+         f"{args.ranks} ranks)")
     with open(os.path.join(args.out, "learning_check.json"), "w") as f:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                 capture_output=True).stdout.strip()
         json.dump({"args": vars(args), "commit": commit, "untrained": base.as_dict(),
-                   "runs": {f"{k:g}": v for k, v in results.items()},
-                   "curves": {f"{k:g}": v for k, v in curves.items()},
-                   "accuracy_curves": {f"{k:g}": v for k, v in acc_curves.items()}}, f, indent=1)
-    print("\n| sample_rate | verification accuracy % (10-fold, +- std) | TAR@FAR=1e-3 % | "
+                   "runs": results, "curves": curves, "accuracy_curves": acc_curves}, f,
+                  indent=1)
+    print("\n| run | verification accuracy % (10-fold, +- std) | TAR@FAR=1e-3 % | "
           "loss first -> last | train time s |")
     print("|---|---|---|---|---|")
     print(f"| untrained backbone | {100 * base.accuracy:.2f} +- {100 * base.std:.2f} | "
           f"{100 * base.tar[1e-3]:.1f} | — | — |")
-    for rate, r in results.items():
-        print(f"| {rate:g} | {100 * r['accuracy']:.2f} +- {100 * r['std']:.2f} | "
+    for name, r in results.items():
+        print(f"| {name} | {100 * r['accuracy']:.2f} +- {100 * r['std']:.2f} | "
               f"{100 * r['tar']['0.001']:.1f} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} "
               f"| {r['train_seconds']:.0f} |")
     steps = sorted({s for pts in acc_curves.values() for s, _ in pts})
     if steps:
-        rates = list(acc_curves)
+        names = list(acc_curves)
         print("\nverification accuracy % during training (launch/train.py's eval.bins hook):\n")
-        print("| step | " + " | ".join(f"r={r:g}" for r in rates) + " |")
-        print("|---|" + "---|" * len(rates))
+        print("| step | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
         for st in steps:
-            row = [dict(acc_curves[r]).get(st) for r in rates]
+            row = [dict(acc_curves[n]).get(st) for n in names]
             print(f"| {st} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in row) + " |")
-    if len(results) >= 2:
-        accs = [r["accuracy"] for r in results.values()]
-        print(f"\ngap r={args.rates[0]:g} - r={args.rates[-1]:g}: "
-              f"{100 * (accs[0] - accs[-1]):+.2f} points; plot {png}")
+    first = next(iter(results))
+    for name, r in list(results.items())[1:]:
+        print(f"gap {first} - {name}: {100 * (results[first]['accuracy'] - r['accuracy']):+.2f} "
+              f"points")
+    print(f"plot {png}")
 
 
 if __name__ == "__main__":

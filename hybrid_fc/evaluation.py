@@ -466,13 +466,14 @@ class VerificationHook:
     before training starts, not at the first evaluation.
     A call puts the backbone in eval mode, embeds the slice with flip TTA, all-gathers, computes
     the metrics on every rank, restores the mode, logs one line per set on rank 0 (and
-    `verify/<set>/accuracy` etc. to `writer`, a TensorBoard SummaryWriter, when given), and
+    `verify/<set>/accuracy` etc. to `writer`, a TensorBoard SummaryWriter, and a "verify" row
+    to `record`, a hybrid_fc.metrics sink, when given), and
     returns {set name: VerificationResult}. `best` keeps the highest accuracy seen per set.
     """
 
     def __init__(self, paths: Sequence[str], every: int, image_size: int, *, batch_size: int = 64,
                  flip: bool = True, nfolds: int = 10, group=None, writer=None,
-                 print_fn=None):
+                 print_fn=None, record=None):
         from hybrid_fc.collectives import comm_device, gather_batch_meta, group_rank, group_size
         if isinstance(paths, str):
             paths = [paths]
@@ -486,6 +487,7 @@ class VerificationHook:
         self.flip, self.nfolds, self.group, self.writer = flip, nfolds, group, writer
         self.rank, self.world = group_rank(group), group_size(group)
         self.print_fn = print_fn or (lambda s: print(s, flush=True))
+        self.record = record  # record("verify", **fields): a metrics sink (hybrid_fc.metrics)
         self.sets: List[PairSet] = []
         self.decoded: List[torch.Tensor] = []
         self.best: Dict[str, float] = {}
@@ -532,6 +534,11 @@ class VerificationHook:
                               f"{100 * r.accuracy:.2f}% +- {100 * r.std:.2f} (best "
                               f"{100 * self.best[pairs.name]:.2f}%)  threshold {r.threshold:.2f}"
                               f"  xnorm {r.xnorm:.2f}" + (f"  {tar}" if tar else ""))
+                if self.record is not None:
+                    self.record("verify", step=step, set=pairs.name, accuracy=r.accuracy,
+                                std=r.std, threshold=r.threshold, xnorm=r.xnorm,
+                                best=self.best[pairs.name],
+                                tar={f"{f:g}": v for f, v in r.tar.items() if v == v})
                 if self.writer is not None:
                     self.writer.add_scalar(f"verify/{pairs.name}/accuracy", r.accuracy, step)
                     self.writer.add_scalar(f"verify/{pairs.name}/xnorm", r.xnorm, step)

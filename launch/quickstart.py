@@ -17,7 +17,6 @@ Run it again and it resumes from the last checkpoint (train.steps=600 continues 
 """
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
@@ -55,18 +54,23 @@ def main(argv=None):
            f"eval.bins={pairs}"] + args.overrides
     print(" ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
-    losses = []
-    for line in proc.stdout:
+    for line in proc.stdout:  # show people rank 0's progress lines and errors
         if line.startswith(("step ", "hybrid_fc:", "verify ")) or "rror" in line:
             print(line, end="", flush=True)
-        m = re.match(r"step\s+(\d+)/\d+\s+loss\s+([\d.naif]+)", line)
-        if m:
-            losses.append((int(m.group(1)), float(m.group(2))))
     rc = proc.wait()
     if rc != 0:
         sys.exit(f"training failed (exit code {rc})")
+    # the numbers come from the run's metrics file, this invocation's rows
+    from hybrid_fc.config import load_config
+    from hybrid_fc.metrics import read_metrics
+    out = load_config(os.path.join("launch", "configs", "quickstart.yaml"),
+                      [o for o in args.overrides if o.startswith("train.output_dir=")]
+                      ).train.output_dir
+    losses = [(r["step"], r["loss"]) for r in read_metrics(out, "train")
+              if r["time"] >= started]
     if len(losses) >= 2:
         first, last = losses[0][1], losses[-1][1]
         print(f"loss {first:.3f} -> {last:.3f} over steps {losses[0][0]}..{losses[-1][0]}; "

@@ -67,9 +67,11 @@ def build_head_optimizer(cfg, params):
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
                                  weight_decay=o.weight_decay)
+    low = dict(state_dtype=getattr(torch, o.state_dtype), rounding=o.rounding, seed=cfg.head.seed)
     if o.name == "sparse_sgd":
-        return SparseSGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return SparseAdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        return SparseSGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **low)
+    return SparseAdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                       **low)
 
 
 def synthetic_batches(cfg, batch_size, rank, seed):
@@ -103,7 +105,7 @@ def webdataset_batches(cfg, batch_size, rank, world_size, rank_state, device):
     return loader, batches()
 
 
-def build_verification(cfg, writer):
+def build_verification(cfg, log):
     """The periodic verification of eval.bins (hybrid_fc.evaluation.VerificationHook: every
     rank embeds its slice of each pair set, BatchNorm statistics averaged over the ranks first),
     or None. Reads and decodes the pair files now, so a bad file fails before training."""
@@ -111,15 +113,20 @@ def build_verification(cfg, writer):
         return None
     from hybrid_fc.evaluation import VerificationHook
     return VerificationHook(cfg.eval.bins, every=cfg.eval.every, image_size=cfg.model.input_size,
-                            batch_size=cfg.eval.batch_size, flip=cfg.eval.flip, writer=writer)
+                            batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
+                            writer=log.writer, print_fn=log.metrics.log,
+                            record=log.metrics.record)
 
 
 class _Log:
-    """Rank 0's progress line (and TensorBoard scalars when tensorboard is installed)."""
+    """Rank 0's progress line, metrics.jsonl / training.log rows (hybrid_fc.metrics) and
+    TensorBoard scalars when tensorboard is installed."""
 
     def __init__(self, cfg, rank, images_per_step):
+        from hybrid_fc.metrics import MetricsLog
         self.rank, self.every, self.total = rank, cfg.train.log_every, cfg.train.steps
         self.images_per_step = images_per_step
+        self.metrics = MetricsLog(cfg.train.output_dir, rank)
         self.loss_sum, self.count = None, 0
         self.t0, self.start = time.time(), time.time()
         self.writer = None
@@ -154,15 +161,39 @@ class _Log:
                    backbone_lr=hybrid.backbone_lr, loss_scale=hybrid.loss_scale,
                    skipped=hybrid.engine.skipped_steps)
         if self.rank == 0:
-            print(f"step {step:>7d}/{self.total}  loss {loss:8.4f}  {ips:9.1f} img/s  "
-                  f"lr {row['lr']:.3g} (backbone {row['backbone_lr']:.3g})  "
-                  f"scale {row['loss_scale']:g}  skipped {row['skipped']}  eta {eta / 60:.1f} min",
-                  flush=True)
+            self.metrics.log(f"step {step:>7d}/{self.total}  loss {loss:8.4f}  {ips:9.1f} img/s  "
+                             f"lr {row['lr']:.3g} (backbone {row['backbone_lr']:.3g})  "
+                             f"scale {row['loss_scale']:g}  skipped {row['skipped']}  "
+                             f"eta {eta / 60:.1f} min")
+            self.metrics.record("train", **row)
             if self.writer is not None:
                 for k in ("loss", "img_s", "lr", "backbone_lr", "loss_scale"):
                     self.writer.add_scalar(f"train/{k}", row[k], step)
         self.loss_sum, self.count, self.t0 = None, 0, now
         return row
+
+
+def _check_memory(cfg, ds_cfg, rank, world_size):
+    """The memory plan (hybrid_fc.plan) before anything large exists; every rank refuses
+    together when one rank's memory will not hold the run."""
+    from hybrid_fc.collectives import all_ranks_true
+    from hybrid_fc.engine import rank_memory_bytes
+    from hybrid_fc.plan import plan_experiment
+    if not cfg.train.memory_check:
+        return
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    memory, reserve = rank_memory_bytes(device)
+    plan = plan_experiment(cfg, ds_cfg, world_size, memory, reserve=reserve,
+                           device=device.type)
+    if all_ranks_true(plan.fits):
+        if rank == 0:
+            print(f"hybrid_fc: memory plan per rank {plan.per_gpu_bytes / 1e9:.2f} GB of "
+                  f"{memory / 1e9:.2f} GB (head {plan.head_bytes / 1e9:.2f} GB); "
+                  "launch/plan.py prints the breakdown", flush=True)
+        return
+    raise MemoryError("hybrid_fc: this run will not fit in memory on every rank "
+                      f"(train.memory_check=false skips this check):\n{plan.table()}")
 
 
 def main(argv=None):
@@ -190,6 +221,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 
+    _check_memory(cfg, ds_cfg, rank, world_size)
     torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
     backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size,
                               input_size=cfg.model.input_size, **cfg.model.backbone_kwargs)
@@ -199,7 +231,8 @@ def main(argv=None):
     device = next(engine.module.parameters()).device
     head = PartialFC(build_margin(cfg), cfg.model.embedding_size, cfg.head.num_classes,
                      cfg.head.sample_rate, sparse_grad=cfg.head.sparse_grad,
-                     chunk_size=cfg.head.chunk_size, seed=cfg.head.seed, device=device)
+                     chunk_size=cfg.head.chunk_size, seed=cfg.head.seed, device=device,
+                     weight_dtype=getattr(torch, cfg.head.weight_dtype))
     schedule = WarmupDecay(cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.decay,
                            cfg.schedule.power, cfg.schedule.min_lr_ratio)
     hybrid = HybridEngine(engine, head, build_head_optimizer(cfg, head.parameters()),
@@ -226,7 +259,9 @@ def main(argv=None):
         loader, batches = webdataset_batches(cfg, micro, rank, world_size, rank_state, device)
 
     log = _Log(cfg, rank, micro * gas * world_size)
-    verify = build_verification(cfg, log.writer)
+    log.metrics.record("start", step=hybrid.global_steps, world_size=world_size,
+                       resumed=resumed is not None)
+    verify = build_verification(cfg, log)
     last_saved = hybrid.global_steps if resumed is not None else -1
     hybrid.train()
     while hybrid.global_steps < cfg.train.steps:
@@ -250,8 +285,9 @@ def main(argv=None):
         save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
                         rank_state=loader.state_dict() if loader is not None else None)
     if rank == 0:
-        print(f"hybrid_fc: done at step {hybrid.global_steps}; checkpoint "
-              f"{os.path.join(out, open(os.path.join(out, 'latest')).read())}", flush=True)
+        log.metrics.log(f"hybrid_fc: done at step {hybrid.global_steps}; checkpoint "
+                        f"{os.path.join(out, open(os.path.join(out, 'latest')).read())}")
+    log.metrics.close()
     return hybrid
 
 

@@ -3,7 +3,6 @@
 WebDataset shards made by hybrid_fc.data first; then a resume on one node at another size."""
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -54,10 +53,6 @@ def _train_args(tmp_path, dataset, steps):
 LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def _losses(text):
-    return [float(x) for x in re.findall(r"^step\s+\d+/\d+\s+loss\s+([\d.]+)", text, re.M)]
-
-
 def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_path, dataset):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
@@ -73,9 +68,13 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     node0 = outs[0]
     assert "hybrid_fc: 2 ranks" in node0 and "fresh start" in node0
     assert "done at step 6" in node0
-    losses = _losses(node0)
-    assert len(losses) == 3 and all(l > 0 for l in losses)
     run = tmp_path / "run"
+    from hybrid_fc.metrics import read_metrics
+    train_rows = read_metrics(str(run), "train")
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert all(r["loss"] > 0 and r["img_s"] > 0 and r["lr"] > 0 for r in train_rows)
+    assert read_metrics(str(run), "start") == [dict(read_metrics(str(run), "start")[0],
+                                                    step=0, world_size=2, resumed=False)]
     assert (run / "latest").read_text() == "global_step6"
     hybrid = run / "global_step6" / "hybrid"
     assert sorted(os.listdir(hybrid)) == ["backbone.pt", "head-rank00000.pt",
@@ -92,6 +91,11 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     assert single.returncode == 0, out[-4000:]
     assert "hybrid_fc: 1 ranks" in out and "resumed at step 6" in out and "done at step 9" in out
     assert (run / "latest").read_text() == "global_step9"
+    starts = read_metrics(str(run), "start", last=False)
+    assert [(r["step"], r["world_size"], r["resumed"]) for r in starts] == [(0, 2, False),
+                                                                           (6, 1, True)]
+    assert [r["step"] for r in read_metrics(str(run), "train")] == [2, 4, 6, 8, 9]
+    assert "step       8/9" in (run / "training.log").read_text()
     meta = json.loads((run / "global_step9" / "hybrid" / "meta.json").read_text())
     assert meta["class_ranges"] == [[0, 24]] and meta["world_size"] == 1
 
@@ -111,11 +115,14 @@ def _train_in_process(rank, world_size, out, pairs):
     with contextlib.redirect_stdout(printed):
         hybrid = train.main(args)
     errors = []
-    for bad in (["train.stepz=3"], ["head.sample_rate=1.5"], ["eval.bins=missing.bin"]):
+    for bad in (["train.stepz=3"], ["head.sample_rate=1.5"], ["eval.bins=missing.bin"],
+                # 4 billion classes x 512 on two CPU ranks: refused by the memory plan before
+                # anything is allocated, on every rank, with the table
+                ["head.num_classes=4000000000", "model.embedding_size=512"]):
         try:
             train.main(args + bad)
-        except (ValueError, OSError) as exc:
-            errors.append(str(exc))
+        except (ValueError, OSError, MemoryError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
     return hybrid.global_steps, hybrid.head_lr, errors, printed.getvalue()
 
 
@@ -136,12 +143,16 @@ def test_train_main_synthetic_source_verification_and_config_errors(tmp_path):
         assert "unknown override 'train.stepz'" in errors[0]
         assert "head.sample_rate" in errors[1]
         assert "missing.bin" in errors[2]
-        verified = re.findall(r"^verify \[pairs\] step (\d+): accuracy ([\d.]+)%", printed, re.M)
-        if rank == 0:   # steps 3 and 6, then the end (8)
-            assert [int(s) for s, _ in verified] == [3, 6, 8], printed
-            assert all(0 <= float(a) <= 100 for _, a in verified)
+        assert errors[3].startswith("MemoryError") and "will not fit" in errors[3]
+        assert "head: centers" in errors[3] and "largest class count" in errors[3]
+        if rank == 0:   # verified at steps 3 and 6, then the end (8); printed by rank 0 only
+            assert printed.count("verify [pairs] step") == 3, printed
         else:
-            assert verified == []
+            assert "verify [pairs]" not in printed
+    from hybrid_fc.metrics import read_metrics
+    verified = read_metrics(out, "verify")
+    assert [(r["step"], r["set"]) for r in verified] == [(3, "pairs"), (6, "pairs"), (8, "pairs")]
+    assert all(0 <= r["accuracy"] <= 1 and r["std"] >= 0 for r in verified)
     names = os.listdir(out)  # (DeepSpeed also drops its zero_to_fp32.py converter here)
     assert {"config.json", "latest"} <= set(names)
     assert [n for n in names if n.startswith("global_step")] == ["global_step8"]

@@ -1,0 +1,37 @@
+"""metrics.jsonl: rows written by rank 0 only, read back by programs (hybrid_fc.metrics)."""
+import json
+
+from hybrid_fc.metrics import MetricsLog, read_metrics
+
+
+def test_rows_round_trip_resume_duplicates_and_partial_line(tmp_path):
+    printed = []
+    log = MetricsLog(str(tmp_path), rank=0, print_fn=printed.append)
+    log.record("train", step=2, loss=3.0)
+    log.record("train", step=4, loss=2.5)
+    log.record("verify", step=4, set="lfw", accuracy=0.9)
+    log.log("step 4 ...")
+    log.close()
+    # a resumed run repeats step 4 (after a checkpoint at 2) and goes on
+    log = MetricsLog(str(tmp_path), rank=0, print_fn=printed.append)
+    log.record("train", step=4, loss=2.4)
+    log.record("train", step=6, loss=2.0)
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 8, "lo')           # a writer killed mid-line
+    rows = read_metrics(str(tmp_path), "train")
+    assert [(r["step"], r["loss"]) for r in rows] == [(2, 3.0), (4, 2.4), (6, 2.0)]
+    assert len(read_metrics(str(tmp_path / "metrics.jsonl"), "train", last=False)) == 4
+    assert read_metrics(str(tmp_path), "verify")[0]["accuracy"] == 0.9
+    assert all("time" in r for r in rows)
+    assert printed == ["step 4 ..."] and (tmp_path / "training.log").read_text() == "step 4 ...\n"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["kind"] == "train"
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    log = MetricsLog(str(tmp_path / "r1"), rank=1, print_fn=lambda s: None)
+    log.record("train", step=1, loss=1.0)
+    log.log("x")
+    log.close()
+    assert not (tmp_path / "r1").exists()

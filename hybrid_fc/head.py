@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .collectives import (all_gather_rows, all_gather_varlen, gather_batch_meta, group_rank,
-                          group_size, scale_grad, sharded_margin_softmax_ce)
+from .collectives import (all_gather_rows, all_gather_varlen, comm_device, gather_batch_meta,
+                          group_rank, group_size, scale_grad, sharded_margin_softmax_ce)
 from .margins import MarginBase
 from .partition import ClassRange
 from .precision import WEIGHT_DTYPES, parse_dtype
@@ -35,6 +35,18 @@ def auto_block_elems(weight_dtype: torch.dtype, device) -> int:
     if weight_dtype != torch.float32 and torch.device(device).type == "cpu":
         return _AUTO_BLOCK_ELEMS // 16
     return _AUTO_BLOCK_ELEMS
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128)
+
+
+def _dtype_code(dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]) if code < len(_DTYPES) else "another dtype"
 
 
 def _seed_for(*parts) -> int:
@@ -170,38 +182,71 @@ class PartialFC(nn.Module):
         self._stream().set_state(state["state"])
 
     # -- forward ---------------------------------------------------------------------------
-    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor):
+    def _local_problem(self, embeddings, labels):
+        """(labels as a flat int64 tensor or None, None or (code, a, b, c)): what is wrong with
+        this rank's inputs, as small integers that travel in the per-step metadata gather."""
         if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise TypeError("PartialFC.forward takes (embeddings, labels) tensors")
+            return None, (1, 0, 0, 0)
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be (batch, {self.embedding_size}), got "
-                             f"{tuple(embeddings.shape)}")
+            dims = tuple(embeddings.shape) + (0, 0)
+            return None, (2, embeddings.dim(), dims[0], dims[1])
         if embeddings.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"embeddings must be a floating tensor, got {embeddings.dtype}")
+            return None, (3, _dtype_code(embeddings.dtype), 0, 0)
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        labels = labels.reshape(-1)
-        if labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"{labels.shape[0]} labels for {embeddings.shape[0]} embeddings")
-        return labels.long()
+            return None, (4, _dtype_code(labels.dtype), 0, 0)
+        flat = labels.reshape(-1)
+        if flat.shape[0] != embeddings.shape[0]:
+            return None, (5, flat.shape[0], embeddings.shape[0], 0)
+        if self.weight.device != embeddings.device:
+            return None, (6, 0, 0, 0)
+        return flat.to(embeddings.device, torch.long), None
 
-    def _gather_sizes_and_check(self, embeddings, labels):
-        """Every rank's batch size, and the same ValueError on every rank for bad input anywhere."""
-        device = embeddings.device
-        count = torch.tensor(labels.shape[0], device=device)
-        if self.check_inputs:
-            bad_label = ((labels < 0) | (labels >= self.num_classes)).sum()
-            nonfinite = (~torch.isfinite(embeddings)).sum()
-            meta = torch.stack([count, bad_label.to(device), nonfinite.to(device)])
+    def _problem_error(self, rank: int, problem) -> Exception:
+        code, a, b, c = problem
+        prefix = f"rank {rank}: " if self.world_size > 1 else ""
+        if code == 1:
+            return TypeError(prefix + "PartialFC.forward takes (embeddings, labels) tensors")
+        if code == 2:
+            got = f"({b}, {c})" if a == 2 else f"a {a}-dim tensor"
+            return ValueError(prefix + f"embeddings must be (batch, {self.embedding_size}), "
+                              f"got {got}")
+        if code == 3:
+            return TypeError(prefix + f"embeddings must be a floating tensor, got "
+                             f"{_dtype_name(a)}")
+        if code == 4:
+            return TypeError(prefix + f"labels must be an integer tensor, got {_dtype_name(a)}")
+        if code == 5:
+            return ValueError(prefix + f"{a} labels for {b} embeddings")
+        return ValueError(prefix + f"embeddings are not on the head's device "
+                          f"({self.weight.device.type}); move the head with .to(device)")
+
+    def _gather_sizes_and_check(self, embeddings, labels, problem):
+        """Every rank's batch size, and the same error on every rank for bad input on any rank:
+        type, shape, length and device problems and (check_inputs) label range and non-finite
+        values all travel in one small all-gather, before any collective that could block."""
+        group = self.process_group
+        if problem is not None:  # nothing computed from the inputs: they may be anything
+            meta = torch.tensor([0, 0, 0, *problem], device=comm_device(group))
         else:
-            meta = count.reshape(1)
-        metas = gather_batch_meta(meta.long(), self.process_group)
-        if self.check_inputs:
-            for r, (_, bad, nonfin) in enumerate(metas):
-                if bad:
-                    raise ValueError(f"rank {r}: {bad} label(s) outside [0, {self.num_classes})")
-                if nonfin:
-                    raise ValueError(f"rank {r}: {nonfin} non-finite (NaN/inf) embedding value(s)")
+            device = embeddings.device
+            count = torch.tensor(labels.shape[0], device=device)
+            if self.check_inputs:
+                bad_label = ((labels < 0) | (labels >= self.num_classes)).sum()
+                nonfinite = (~torch.isfinite(embeddings)).sum()
+            else:
+                bad_label = nonfinite = torch.zeros((), dtype=torch.long, device=device)
+            zero = torch.zeros((), dtype=torch.long, device=device)
+            meta = torch.stack([count, bad_label.to(device), nonfinite.to(device)]
+                               + [zero] * 4).long()
+        metas = gather_batch_meta(meta.long(), group)
+        for r, m in enumerate(metas):
+            if m[3]:
+                raise self._problem_error(r, tuple(m[3:7]))
+        for r, (_, bad, nonfin, *_) in enumerate(metas):
+            if bad:
+                raise ValueError(f"rank {r}: {bad} label(s) outside [0, {self.num_classes})")
+            if nonfin:
+                raise ValueError(f"rank {r}: {nonfin} non-finite (NaN/inf) embedding value(s)")
         sizes = [m[0] for m in metas]
         if self.equal_batches and len(set(sizes)) > 1:
             raise ValueError(f"equal_batches=True but the ranks passed batch sizes {sizes}")
@@ -213,19 +258,18 @@ class PartialFC(nn.Module):
         The gradient reaching `local_embeddings` is world_size x d(loss)/d(local_embeddings),
         so that a data-parallel average of backbone gradients is the exact global gradient.
         """
-        labels = self._check(local_embeddings, local_labels)
-        device = local_embeddings.device
-        if self.weight.device != device:
-            raise ValueError(f"embeddings are on {device} but the head's weight is on "
-                             f"{self.weight.device}; move the head with .to(device)")
+        labels, problem = self._local_problem(local_embeddings, local_labels)
         group = self.process_group
 
         if self.equal_batches and not self.check_inputs:
+            if problem is not None:  # no collective to share it: this rank raises alone
+                raise self._problem_error(self.rank, problem)
             sizes = [labels.shape[0]] * self.world_size  # trusted: no collective, no host sync
         else:
-            sizes = self._gather_sizes_and_check(local_embeddings, labels)
+            sizes = self._gather_sizes_and_check(local_embeddings, labels, problem)
         if sum(sizes) == 0:
             raise ValueError("the global batch is empty")
+        device = local_embeddings.device
 
         # Normalize in fp32, then compute in the input precision. (b, D) -> gathered (N, D)
         x = scale_grad(local_embeddings, self.world_size)

@@ -93,3 +93,41 @@ def test_head_on_other_device_than_inputs_is_named():
     meta = torch.device("meta")
     with pytest.raises(ValueError, match="move the head"):
         head(torch.randn(2, 8, device=meta), torch.tensor([0, 1], device=meta))
+
+
+def _one_rank_bad_input(rank, world, kind):
+    """Rank 1 passes bad input and stays alive (catches its own error); every rank must raise
+    the same error at once instead of rank 0 blocking in a collective until the timeout."""
+    head = PartialFC(CosFace(), 4, 10)
+    emb, labels = torch.randn(2, 4), torch.tensor([1, 2])
+    if rank == 1:
+        if kind == "width":
+            emb = torch.randn(2, 3)
+        elif kind == "dtype":
+            emb = emb.to(torch.int32)
+        elif kind == "length":
+            labels = torch.tensor([1, 2, 3])
+        elif kind == "labels_dtype":
+            labels = labels.float()
+        elif kind == "not_a_tensor":
+            emb = emb.tolist()
+    try:
+        head(emb, labels)
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("width", "ValueError: rank 1: embeddings must be (batch, 4), got (2, 3)"),
+    ("dtype", "TypeError: rank 1: embeddings must be a floating tensor, got torch.int32"),
+    ("length", "ValueError: rank 1: 3 labels for 2 embeddings"),
+    ("labels_dtype", "TypeError: rank 1: labels must be an integer tensor, got torch.float32"),
+    ("not_a_tensor", "TypeError: rank 1: PartialFC.forward takes (embeddings, labels) tensors"),
+])
+def test_bad_shape_or_type_on_one_rank_raises_the_same_error_on_every_rank(kind, expected):
+    import time
+    t = time.time()
+    msgs = run_world(2, _one_rank_bad_input, kind, timeout=60)
+    assert msgs == [expected, expected], msgs
+    assert time.time() - t < 30   # no rank waited for a collective timeout

@@ -18,10 +18,12 @@ no partial file under a final name, and `latest` still names the previous comple
 (DeepSpeed's own `save_checkpoint` lets rank 0 move `latest` without waiting for other ranks'
 files, so it is called with save_latest=False and `latest` is written here).
 
-Resume (`load_checkpoint`): at the same data-parallel size the engine loads its own files; at
-another size the backbone comes from hybrid/backbone.pt through DeepSpeed's full-parameter
-utilities (ZeRO 1/2/3 partitions, bf16 optimizer) and the head rows are cut from the saved
-shards by class range. Both are exact copies of the saved values.
+Resume (`load_checkpoint`), at any data-parallel size: the backbone comes from
+hybrid/backbone.pt through DeepSpeed's full-parameter utilities (ZeRO 1/2/3 partitions, bf16
+optimizer) and the head rows are cut from the saved shards by class range; exact copies of the
+saved values. Every file is read as data only (`load_file`: torch.load(weights_only=True)), so
+a crafted checkpoint cannot run code. DeepSpeed's own files (its loader unpickles them) are
+read only when the caller says it trusts them (trust_deepspeed_files=True, same size only).
 """
 import hashlib
 import json
@@ -31,15 +33,40 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "CheckpointMismatch"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "load_file", "CheckpointError",
+           "CheckpointMismatch"]
 
 FORMAT = 1
 _META = "meta.json"
 _BACKBONE = "backbone.pt"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked (missing, corrupt, or holding more than data);
+    the message names the file."""
+
+
+class CheckpointMismatch(CheckpointError):
     """The checkpoint does not fit the model it is loaded into (classes, width, parameters)."""
+
+
+def load_file(path: str, mmap: bool = False) -> Any:
+    """A file this project wrote, read as data only: torch.load(weights_only=True) admits
+    tensors, numbers, strings, dtypes and containers of them, never code (a crafted pickle that
+    would run a command is refused). Errors name the file."""
+    import pickle
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain "
+                              f"data ({first[:200]}); hybrid_fc reads checkpoints as data only, "
+                              "since unpickling a crafted file runs code") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); the file is truncated or corrupt") from None
 
 
 def _head_file(rank: int) -> str:
@@ -335,8 +362,7 @@ def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> 
         lo, hi = max(s, start), min(s + n, end)
         if lo >= hi:
             continue
-        shard = torch.load(os.path.join(folder, _head_file(r)), map_location="cpu",
-                           weights_only=False, mmap=True)
+        shard = load_file(os.path.join(folder, _head_file(r)), mmap=True)
         if (shard["class_start"], shard["num_local"]) != (s, n):
             raise CheckpointMismatch(f"{_head_file(r)} holds classes [{shard['class_start']}, "
                                      f"{shard['class_start'] + shard['num_local']}), meta.json "
@@ -436,18 +462,25 @@ def read_meta(load_dir: str, tag: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"{path} is missing: {os.path.join(load_dir, tag)} is not a "
                                 "complete hybrid_fc checkpoint")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint's metadata "
+                                  "is corrupt") from None
 
 
 def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
-                    portable: Optional[bool] = None) -> Optional[Dict[str, Any]]:
+                    trust_deepspeed_files: bool = False) -> Optional[Dict[str, Any]]:
     """Restore a checkpoint saved by `save_checkpoint` at any number of ranks.
 
     Returns the saved client_state, or None when `load_dir` has no checkpoint (fresh start);
     its "rank_state" entry is this rank's `rank_state` when the number of ranks is unchanged,
     else None (a per-rank data position has no meaning at another size).
-    portable=None uses DeepSpeed's own files at the same data-parallel size and the portable
-    backbone state otherwise; True/False forces one. Collective: every rank calls it."""
+    Everything is read as data only (`load_file`): the backbone from hybrid/backbone.pt, the
+    head from its shards, at any size. trust_deepspeed_files=True lets DeepSpeed's own loader
+    read its files instead at the same data-parallel size (needed only for fp16 without
+    ZeRO); that loader unpickles them, so a crafted checkpoint could run code: trusted
+    checkpoints only. Collective: every rank calls it."""
     engine, head = hybrid.engine, hybrid.head
     tag = tag or latest_tag(load_dir)
     if tag is None:
@@ -460,16 +493,15 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
                                      f"has {field}={meta[field]} but the head has {mine}")
     folder = os.path.join(load_dir, tag, "hybrid")
     same_size = meta["dp_world_size"] == engine.dp_world_size
-    if portable is None:
-        portable = not same_size
-    if not portable and not same_size:
-        raise ValueError(f"the checkpoint was saved at data-parallel size "
-                         f"{meta['dp_world_size']}, the engine has {engine.dp_world_size}: "
-                         "use portable=True (or None)")
-    if portable:
-        bstate = torch.load(os.path.join(folder, _BACKBONE), map_location="cpu",
-                            weights_only=False)
-        load_backbone_state(engine, bstate)
+    if not (trust_deepspeed_files and same_size):
+        bstate = load_file(os.path.join(folder, _BACKBONE))
+        try:
+            load_backbone_state(engine, bstate)
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"{exc}; at the same size DeepSpeed's own files can "
+                                      "restore it: trust_deepspeed_files=True "
+                                      "(train.trust_checkpoint=true), for trusted checkpoints "
+                                      "only (they are unpickled)") from None
         client_state = bstate.get("client_state", {})
         del bstate
     else:

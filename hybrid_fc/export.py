@@ -34,15 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, load_file
+
 __all__ = ["CheckpointError", "OnnxExportError", "resolve_checkpoint", "load_backbone_weights",
            "load_backbone", "load_for_inference", "save_backbone", "export_class_centers", "export_onnx",
            "check_onnx"]
 
 _MODEL_KEYS = ("backbone", "embedding_size", "input_size", "backbone_kwargs")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not hold what was asked for; the message names it."""
 
 
 class OnnxExportError(RuntimeError):
@@ -93,17 +91,20 @@ def _fp32(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             for k, v in sd.items()}
 
 
-def load_backbone_weights(path: str, tag: Optional[str] = None
+def load_backbone_weights(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False
                           ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]], str]:
     """The backbone's fp32 state dict from a training checkpoint (any ZeRO stage, any number of
     ranks), the saved model config (or None), and which file it came from.
 
-    Raises CheckpointError when the checkpoint holds no backbone."""
+    hybrid/backbone.pt is read as data only. A plain DeepSpeed checkpoint (no hybrid/ folder) can
+    only be read by unpickling DeepSpeed's files, which runs whatever a crafted file holds: that
+    needs trust_checkpoint=True (--trust-checkpoint). Raises CheckpointError when the checkpoint
+    holds no backbone."""
     save_dir, tag = resolve_checkpoint(path, tag)
     folder = os.path.join(save_dir, tag)
     portable = os.path.join(folder, "hybrid", "backbone.pt")
     if os.path.isfile(portable):
-        state = torch.load(portable, map_location="cpu", weights_only=False)
+        state = load_file(portable)
         params = state.get("params") if isinstance(state, dict) else None
         if not params:
             raise CheckpointError(f"checkpoint without a backbone: {portable} has no "
@@ -112,6 +113,11 @@ def load_backbone_weights(path: str, tag: Optional[str] = None
         sd.update(state.get("buffers") or {})
         return _fp32(sd), _model_config(save_dir, state.get("client_state")), portable
     states = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
+    if states and not trust_checkpoint:
+        raise CheckpointError(f"{folder} has no hybrid/backbone.pt, only DeepSpeed's own files, "
+                              "which can only be read by unpickling them (a crafted file runs "
+                              "code): pass --trust-checkpoint (trust_checkpoint=True) if you "
+                              "trust this checkpoint")
     if states:
         # A plain DeepSpeed checkpoint: consolidate the ZeRO partitions (reads every rank's
         # optimizer file; CPU memory ~ 2x the fp32 model).
@@ -126,8 +132,8 @@ def load_backbone_weights(path: str, tag: Optional[str] = None
                           "hybrid/backbone.pt nor DeepSpeed *_model_states.pt files")
 
 
-def load_backbone(path: str, tag: Optional[str] = None, **model_overrides
-                  ) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_backbone(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
+                  **model_overrides) -> Tuple[nn.Module, Dict[str, Any]]:
     """(fp32 backbone in eval mode with the checkpoint's weights, its model config).
 
     `path`: a training checkpoint (see resolve_checkpoint) or a state dict written by
@@ -143,7 +149,7 @@ def load_backbone(path: str, tag: Optional[str] = None, **model_overrides
                 cfg = json.load(f)
         source = path
     else:
-        sd, cfg, source = load_backbone_weights(path, tag)
+        sd, cfg, source = load_backbone_weights(path, tag, trust_checkpoint)
     cfg = dict(cfg or {})
     cfg.update({k: v for k, v in model_overrides.items() if v is not None})
     missing = [k for k in ("backbone", "embedding_size") if k not in cfg]
@@ -162,8 +168,8 @@ def load_backbone(path: str, tag: Optional[str] = None, **model_overrides
     return model.float().eval(), cfg
 
 
-def load_for_inference(path: str, tag: Optional[str] = None, **model_overrides
-                       ) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_for_inference(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
+                       **model_overrides) -> Tuple[nn.Module, Dict[str, Any]]:
     """load_backbone on this process's device, for launch/eval.py and launch/extract.py.
 
     Under a launcher (deepspeed / torchrun: WORLD_SIZE > 1 in the environment) it first joins
@@ -172,16 +178,17 @@ def load_for_inference(path: str, tag: Optional[str] = None, **model_overrides
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import deepspeed
         deepspeed.init_distributed()
-    model, cfg = load_backbone(path, tag, **model_overrides)
+    model, cfg = load_backbone(path, tag, trust_checkpoint, **model_overrides)
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
     return model.to(device), cfg
 
 
-def save_backbone(path: str, out: str, tag: Optional[str] = None, **model_overrides) -> str:
+def save_backbone(path: str, out: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
+                  **model_overrides) -> str:
     """Write the plain fp32 state dict (`torch.load` + `load_state_dict` on the model built by
     hybrid_fc.backbones.build_backbone) to `out` and the model config to `out`'s .json."""
-    model, cfg = load_backbone(path, tag, **model_overrides)
+    model, cfg = load_backbone(path, tag, trust_checkpoint, **model_overrides)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(model.state_dict(), out)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
@@ -218,7 +225,7 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
         if not os.path.isfile(shard_path):
             raise CheckpointError(f"{shard_path} is missing (meta.json lists "
                                   f"{len(meta['class_ranges'])} head shards)")
-        shard = torch.load(shard_path, map_location="cpu", weights_only=False, mmap=True)
+        shard = load_file(shard_path, mmap=True)
         if (shard["class_start"], shard["num_local"]) != (start, n) or \
                 tuple(shard["weight"].shape) != (n, D):
             raise CheckpointError(f"{shard_path} holds classes [{shard['class_start']}, "

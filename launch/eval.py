@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
     p.add_argument("--backbone", default=None, help="override / supply the saved model config")
     p.add_argument("--embedding-size", type=int, default=None)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow reading DeepSpeed's own checkpoint files when there is no "
+                        "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
@@ -40,7 +43,8 @@ def main(argv=None):
     from hybrid_fc.evaluation import evaluate, format_table, load_pair_set
     from hybrid_fc.export import load_for_inference
     rank = int(os.environ.get("RANK", "0"))
-    model, cfg = load_for_inference(args.checkpoint, args.tag, backbone=args.backbone,
+    model, cfg = load_for_inference(args.checkpoint, args.tag, args.trust_checkpoint,
+                                    backbone=args.backbone,
                                     embedding_size=args.embedding_size)
     size = args.image_size or int(cfg["input_size"])
     results = [evaluate(model, load_pair_set(path), size, batch_size=args.batch_size,

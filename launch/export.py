@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default=None, help="override / supply the saved model config")
     p.add_argument("--embedding-size", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow reading DeepSpeed's own checkpoint files when there is no "
+                        "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
     return p.parse_args(argv)
 
 
@@ -37,7 +40,7 @@ def main(argv=None):
     overrides = dict(backbone=args.backbone, embedding_size=args.embedding_size,
                      input_size=args.input_size)
     pt = save_backbone(args.checkpoint, os.path.join(args.out, "backbone.pt"), args.tag,
-                       **overrides)
+                       args.trust_checkpoint, **overrides)
     written = {"state_dict": pt}
     if args.onnx:
         model, cfg = load_backbone(pt)

@@ -25,6 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
     p.add_argument("--backbone", default=None, help="override / supply the saved model config")
     p.add_argument("--embedding-size", type=int, default=None)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow reading DeepSpeed's own checkpoint files when there is no "
+                        "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -33,7 +36,8 @@ def main(argv=None):
     args = parse_args(argv)
     from hybrid_fc.export import load_for_inference
     from hybrid_fc.extract import extract_embeddings
-    model, cfg = load_for_inference(args.checkpoint, args.tag, backbone=args.backbone,
+    model, cfg = load_for_inference(args.checkpoint, args.tag, args.trust_checkpoint,
+                                    backbone=args.backbone,
                                     embedding_size=args.embedding_size)
     n = extract_embeddings(model, args.images, args.out, args.image_size or int(cfg["input_size"]),
                            batch_size=args.batch_size, flip=not args.no_flip)

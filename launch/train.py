@@ -240,7 +240,8 @@ def main(argv=None):
                           max_grad_norm=cfg.head_optim.max_grad_norm)
 
     out = cfg.train.output_dir
-    resumed = load_checkpoint(hybrid, out) if cfg.train.resume else None
+    resumed = (load_checkpoint(hybrid, out, trust_deepspeed_files=cfg.train.trust_checkpoint)
+               if cfg.train.resume else None)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:

@@ -115,7 +115,9 @@ def test_state_dict_from_zero3_checkpoint(zero3_run, tmp_path):
     plain = str(tmp_path / "plain")
     shutil.copytree(ckdir, plain)
     shutil.rmtree(os.path.join(plain, tag, "hybrid"))
-    sd2, _, source2 = load_backbone_weights(plain)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):   # unpickling: opt-in
+        load_backbone_weights(plain)
+    sd2, _, source2 = load_backbone_weights(plain, trust_checkpoint=True)
     assert source2.endswith("model_states.pt")
     for name in params:
         assert torch.equal(sd2[name], params[name]), name

@@ -1,0 +1,140 @@
+"""Nothing read from a checkpoint runs code: crafted pickles that would create a marker file.
+
+Each crafted file, if unpickled, calls os.system("touch MARKER"). Every reader of this project's
+files (resume, export, eval/extract through load_backbone, class centers) must refuse it with
+an error naming the file, and the marker must not exist afterwards. DeepSpeed's own files are
+read only with an explicit trust switch.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybrid_fc.checkpoint import CheckpointError, load_file
+from hybrid_fc.export import export_class_centers, load_backbone_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _craft(path, marker, wrap=lambda evil: evil):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(wrap(_Evil(marker)), path)
+
+
+def test_plain_unpickling_would_run_the_payload(tmp_path):
+    """The crafted file is real: torch.load(weights_only=False) runs it (so the refusals below
+    are meaningful)."""
+    marker = tmp_path / "ran"
+    _craft(str(tmp_path / "x.pt"), marker)
+    torch.load(tmp_path / "x.pt", weights_only=False)
+    assert marker.exists()
+
+
+def _run_dir(tmp_path):
+    """A checkpoint layout with meta.json, `latest` and one tag."""
+    run = tmp_path / "run"
+    hdir = run / "global_step1" / "hybrid"
+    hdir.mkdir(parents=True)
+    (hdir / "meta.json").write_text(json.dumps({"num_classes": 4, "embedding_size": 2,
+                                                "class_ranges": [[0, 4]]}))
+    (run / "latest").write_text("global_step1")
+    return run, hdir
+
+
+def test_crafted_files_are_refused_by_every_reader(tmp_path):
+    marker = tmp_path / "pwned"
+    run, hdir = _run_dir(tmp_path)
+    _craft(str(hdir / "backbone.pt"), marker, lambda e: {"params": {"w": torch.zeros(1)}, "x": e})
+    _craft(str(hdir / "head-rank00000.pt"), marker,
+           lambda e: {"class_start": 0, "num_local": 4, "weight": torch.zeros(4, 2), "x": e})
+    for reader in (lambda: load_file(str(hdir / "backbone.pt")),
+                   lambda: load_backbone_weights(str(run)),
+                   lambda: export_class_centers(str(run))):
+        with pytest.raises(CheckpointError, match="refused: it holds objects other than"):
+            reader()
+    # a plain DeepSpeed checkpoint (no hybrid/): refused unless trusted
+    plain = tmp_path / "plain" / "global_step1"
+    _craft(str(plain / "mp_rank_00_model_states.pt"), marker)
+    (tmp_path / "plain" / "latest").write_text("global_step1")
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        load_backbone_weights(str(tmp_path / "plain"))
+    # the command-line tools say so and exit non-zero
+    for script, extra in (("export.py", ["--out", str(tmp_path / "exp"), "--centers"]),
+                          ("eval.py", ["--bin", str(tmp_path / "none.bin")]),
+                          ("extract.py", ["--images", str(tmp_path), "--out",
+                                          str(tmp_path / "e.npy")])):
+        for ck in (run, tmp_path / "plain"):
+            out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script),
+                                  "--checkpoint", str(ck)] + extra,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode != 0, (script, out.stdout[-2000:])
+            assert "CheckpointError" in out.stderr and ("refused" in out.stderr
+                                                        or "--trust-checkpoint" in out.stderr)
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupt_files_name_the_file(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"weight": torch.randn(100, 8)}, good)
+    data = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: cannot be read .*truncated or corrupt"):
+        load_file(str(tmp_path / "cut.pt"))
+    with pytest.raises(CheckpointError, match=r"missing\.pt is missing"):
+        load_file(str(tmp_path / "missing.pt"))
+    run, hdir = _run_dir(tmp_path)
+    (hdir / "meta.json").write_text("{not json")
+    from hybrid_fc.checkpoint import read_meta
+    with pytest.raises(CheckpointError, match=r"meta\.json: not valid JSON"):
+        read_meta(str(run), "global_step1")
+
+
+def _resume_crafted(rank, world_size, ckdir, marker):
+    """Save a real checkpoint, then replace its backbone.pt, then a head shard, by crafted
+    files: load_checkpoint (what launch/train.py's resume calls) refuses both."""
+    import shutil
+
+    import deepspeed
+
+    from hybrid_fc import ArcFace, PartialFC
+    from hybrid_fc.checkpoint import load_checkpoint, save_checkpoint
+    from hybrid_fc.engine import HybridEngine
+    from test_engine_support import TinyNet, ds_config
+    net = TinyNet()
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
+                                      config=ds_config(1, micro=2, world_size=world_size))
+    head = PartialFC(ArcFace(16.0, 0.3), 8, 6)
+    hybrid = HybridEngine(engine, head, torch.optim.SGD(head.parameters(), lr=0.1))
+    folder = save_checkpoint(hybrid, ckdir)
+    errors = []
+    for name in ("backbone.pt", "head-rank00000.pt"):
+        path = os.path.join(folder, "hybrid", name)
+        shutil.copy(path, path + ".orig")
+        _craft(path, marker, lambda e: {"params": {}, "payload": e})
+        try:
+            load_checkpoint(hybrid, ckdir)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+        shutil.move(path + ".orig", path)
+    load_checkpoint(hybrid, ckdir)  # the genuine files load
+    return errors
+
+
+def test_resume_refuses_crafted_backbone_and_head_shard(tmp_path):
+    from test_engine_support import run_ranks
+    marker = tmp_path / "pwned"
+    (errors,) = run_ranks(1, _resume_crafted, str(tmp_path / "ck"), str(marker))
+    assert len(errors) == 2 and "backbone.pt: refused" in errors[0]
+    assert "head-rank00000.pt: refused" in errors[1]
+    assert not marker.exists()

@@ -138,3 +138,29 @@ def test_resume_refuses_crafted_backbone_and_head_shard(tmp_path):
     assert len(errors) == 2 and "backbone.pt: refused" in errors[0]
     assert "head-rank00000.pt: refused" in errors[1]
     assert not marker.exists()
+
+
+def test_manifest_urls_are_names_never_commands(tmp_path):
+    """A manifest.json whose shard url is `pipe:CMD` (or a URL elsewhere) is refused when it is
+    read, before the pre-flight check opens anything; the command never runs. The same
+    command given by the user (url_template) is theirs to give."""
+    from hybrid_fc.data import make_loader
+    from hybrid_fc.data.loader import ShardError, load_manifest
+    marker = tmp_path / "pwned"
+    for url, match in ((f"pipe:touch {marker}; cat x.tar", "is a command"),
+                       ("s3://elsewhere/x.tar", "outside the manifest's own local location"),
+                       (None, "has no url name")):
+        d = tmp_path / f"m{abs(hash(str(url))) % 1000}"
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(
+            {"num_samples": 4, "num_classes": 2, "shards": [{"url": url, "count": 4}]}))
+        with pytest.raises(ShardError, match=match):
+            load_manifest(str(d))
+        with pytest.raises(ShardError, match=match):
+            make_loader(str(d), 2, rank=0, world_size=1)
+    assert not marker.exists()
+    # relative names resolve beside the manifest
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "manifest.json").write_text(json.dumps(
+        {"num_samples": 4, "shards": [{"url": "shard-000000.tar", "count": 4}]}))
+    assert load_manifest(str(tmp_path / "ok")).urls == [str(tmp_path / "ok" / "shard-000000.tar")]

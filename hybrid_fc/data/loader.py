@@ -60,6 +60,33 @@ class Manifest:
     counts: Optional[List[int]] = None
 
 
+def _scheme_and_place(url: str):
+    """('s3', 'bucket') for s3://bucket/key, ('', '') for a local path."""
+    if "://" not in url:
+        return "", ""
+    scheme, rest = url.split("://", 1)
+    return scheme.lower(), rest.split("/", 1)[0]
+
+
+def _shard_name(entry, murl: str) -> str:
+    """A manifest's shard entry as a name, never a command: relative to the manifest (or a
+    local path beside a local manifest, or a URL of the manifest's own scheme and bucket).
+    `pipe:` commands come only from the user's own command line or config (url_template, a
+    data.urls pattern), never from a file someone else may have written."""
+    url = entry.get("url") if isinstance(entry, dict) else None
+    if not isinstance(url, str) or not url.strip():
+        raise ShardError(f"{murl}: a shard entry has no url name: {str(entry)[:100]!r}")
+    if url.lstrip().startswith("pipe:"):
+        raise ShardError(f"{murl}: shard url {url[:80]!r} is a command; a manifest names its "
+                         "shards relative to itself. To read through a command, give it on your "
+                         "own command line (url_template, e.g. 'pipe:aws s3 cp {url} -')")
+    if "://" in url and _scheme_and_place(url) != _scheme_and_place(murl):
+        raise ShardError(f"{murl}: shard url {url[:80]!r} points outside the manifest's own "
+                         f"{_scheme_and_place(murl)[0] or 'local'} location; a manifest names "
+                         "its shards relative to itself")
+    return url
+
+
 def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str] = None
                   ) -> Manifest:
     """Shard URLs (+ sample and class counts when known) from:
@@ -91,7 +118,7 @@ def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str]
                 if k not in data:
                     raise ShardError(f"{murl}: manifest has no {k!r} field")
             base = murl.rsplit("/", 1)[0] if "/" in murl else "."
-            m = Manifest([join_url(base, s["url"]) for s in data["shards"]],
+            m = Manifest([join_url(base, _shard_name(s, murl)) for s in data["shards"]],
                          int(data["num_samples"]), data.get("num_classes"),
                          [int(s["count"]) for s in data["shards"]])
     if not m.urls:

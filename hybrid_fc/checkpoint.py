@@ -422,12 +422,21 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     folder = os.path.join(save_dir, tag)
     hfolder = os.path.join(folder, "hybrid")
     rank = _global_rank()
+    hybrid.sync_buffers()            # collective: one set of BatchNorm statistics is saved
+    bstate = backbone_state(engine)                                    # collective
+    # Never a checkpoint of inf/nan weights: decided on every rank before anything is written.
+    bad = [n for n, v in bstate["params"].items() if not bool(torch.isfinite(v).all())]
+    if not bool(torch.isfinite(head.weight.detach()).all()):
+        bad.append(f"head centers of rank {head.rank}")
+    from .collectives import all_ranks_true
+    if not all_ranks_true(not bad):
+        raise FloatingPointError(
+            f"not saving {folder}: non-finite weights ({', '.join(bad[:4]) or 'on another rank'}"
+            f"); the last good checkpoint is {latest_tag(save_dir) or 'none'} in {save_dir}")
     if rank == 0:
         os.makedirs(hfolder, exist_ok=True)
     _barrier()
     os.makedirs(hfolder, exist_ok=True)  # ranks on other nodes with their own filesystem view
-    hybrid.sync_buffers()            # collective: one set of BatchNorm statistics is saved
-    bstate = backbone_state(engine)                                    # collective
     if rank == 0:
         bstate["client_state"] = client_state or {}
         _atomic_torch_save(bstate, os.path.join(hfolder, _BACKBONE))

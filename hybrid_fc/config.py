@@ -13,6 +13,7 @@ applies `section.key=value` / `key=value` overrides (values parsed as YAML scala
 against the field's type) and validates every field.
 """
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,17 @@ __all__ = ["ModelConfig", "HeadConfig", "HeadOptimConfig", "ScheduleConfig", "Da
 def _require(cond: bool, name: str, msg: str, value: Any):
     if not cond:
         raise ValueError(f"{name}: {msg}, got {value!r}")
+
+
+def _require_finite(obj, section: str) -> None:
+    """Every float field (and tuple of floats) of a config section is a finite number: inf or
+    nan in a learning rate or a margin trains to nan (or to inf centers) without an error."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{section}.{f.name}: must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -40,6 +52,7 @@ class ModelConfig:
     """Extra keyword arguments for the backbone constructor (e.g. {dropout: 0.1})."""
 
     def __post_init__(self):
+        _require_finite(self, "model")
         _require(isinstance(self.backbone, str) and self.backbone, "model.backbone",
                  "must be a non-empty name", self.backbone)
         _require(self.embedding_size >= 1, "model.embedding_size", "must be >= 1",
@@ -72,6 +85,7 @@ class HeadConfig:
     master copy, stochastic rounding by the head optimizer; needs a sparse_* head optimizer)."""
 
     def __post_init__(self):
+        _require_finite(self, "head")
         _require(self.num_classes >= 1, "head.num_classes", "must be >= 1", self.num_classes)
         _require(self.weight_dtype in ("float32", "bfloat16"), "head.weight_dtype",
                  "must be float32 or bfloat16", self.weight_dtype)
@@ -111,6 +125,7 @@ class HeadOptimConfig:
     stochastic (unbiased: small updates survive on average) or nearest (the ablation)."""
 
     def __post_init__(self):
+        _require_finite(self, "head_optim")
         _require(self.state_dtype in ("float32", "bfloat16", "float16", "int8"),
                  "head_optim.state_dtype", "must be float32, bfloat16, float16 or int8",
                  self.state_dtype)
@@ -146,6 +161,7 @@ class ScheduleConfig:
     the DeepSpeed JSON has its own "scheduler", which would be a second owner)."""
 
     def __post_init__(self):
+        _require_finite(self, "schedule")
         _require(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0",
                  self.warmup_steps)
         _require(self.decay in ("poly", "cosine", "constant"), "schedule.decay",
@@ -169,6 +185,7 @@ class DataConfig:
     """Synthetic source: std of the per-image noise around its class's mean image."""
 
     def __post_init__(self):
+        _require_finite(self, "data")
         _require(self.source in ("synthetic", "webdataset"), "data.source",
                  "must be synthetic or webdataset", self.source)
         _require(self.source != "webdataset" or bool(self.urls), "data.urls",
@@ -205,6 +222,7 @@ class TrainConfig:
     and refuse a run that will not fit, printing the plan and the setting to change."""
 
     def __post_init__(self):
+        _require_finite(self, "train")
         _require(self.steps >= 1, "train.steps", "must be >= 1", self.steps)
         _require(bool(self.output_dir), "train.output_dir", "must be set", self.output_dir)
         _require(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
@@ -225,6 +243,7 @@ class EvalConfig:
     """Flip test-time augmentation: embed f(x) + f(mirror(x))."""
 
     def __post_init__(self):
+        _require_finite(self, "eval")
         _require(all(isinstance(b, str) and b for b in self.bins), "eval.bins",
                  "must be a list of pair-file paths", self.bins)
         _require(self.every >= 1, "eval.every", "must be >= 1", self.every)

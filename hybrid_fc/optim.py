@@ -62,10 +62,10 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_common(lr, weight_decay, state_dtype, rounding):
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr!r}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not 0.0 <= lr < float("inf"):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not 0.0 <= weight_decay < float("inf"):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be one of "
                          f"{', '.join(dtype_name(d) for d in STATE_DTYPES)}, got {state_dtype}")

@@ -201,7 +201,7 @@ def main(argv=None):
     import deepspeed
     from hybrid_fc import PartialFC
     from hybrid_fc.backbones import build_backbone
-    from hybrid_fc.checkpoint import load_checkpoint, save_checkpoint
+    from hybrid_fc.checkpoint import latest_tag, load_checkpoint, save_checkpoint
     from hybrid_fc.config import config_to_dict, load_config
     from hybrid_fc.engine import HybridEngine, WarmupDecay
 
@@ -269,6 +269,11 @@ def main(argv=None):
         for _ in range(gas):
             images, labels = next(batches)
             loss = hybrid.forward_backward(images.to(device), labels.to(device))
+            if not bool(torch.isfinite(loss)):  # the same global loss on every rank: all stop
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at step {hybrid.global_steps + 1}; the last "
+                    f"good checkpoint is {latest_tag(out) or 'none'} in {out}. Lower the learning "
+                    "rates (head_optim.lr, the DeepSpeed optimizer's lr) or check the data.")
             hybrid.step()
             log.add(loss)
         log.maybe_print(hybrid)

@@ -3,6 +3,7 @@
 WebDataset shards made by hybrid_fc.data first; then a resume on one node at another size."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -118,10 +119,14 @@ def _train_in_process(rank, world_size, out, pairs):
     for bad in (["train.stepz=3"], ["head.sample_rate=1.5"], ["eval.bins=missing.bin"],
                 # 4 billion classes x 512 on two CPU ranks: refused by the memory plan before
                 # anything is allocated, on every rank, with the table
-                ["head.num_classes=4000000000", "model.embedding_size=512"]):
+                ["head.num_classes=4000000000", "model.embedding_size=512"],
+                ["head_optim.lr=inf"],
+                # finite but absurd: the centers overflow, the next loss is nan -> every rank
+                # stops naming the step and the last good checkpoint (none in this folder)
+                ["head_optim.lr=1e38", f"train.output_dir={out}_nan", "eval.bins=[]"]):
         try:
             train.main(args + bad)
-        except (ValueError, OSError, MemoryError) as exc:
+        except (ValueError, OSError, MemoryError, FloatingPointError) as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
     return hybrid.global_steps, hybrid.head_lr, errors, printed.getvalue()
 
@@ -145,6 +150,9 @@ def test_train_main_synthetic_source_verification_and_config_errors(tmp_path):
         assert "missing.bin" in errors[2]
         assert errors[3].startswith("MemoryError") and "will not fit" in errors[3]
         assert "head: centers" in errors[3] and "largest class count" in errors[3]
+        assert "head_optim.lr: must be a finite number, got inf" in errors[4]
+        assert re.match(r"FloatingPointError: non-finite loss \(nan\) at step [23];", errors[5])
+        assert "last good checkpoint is none" in errors[5]
         if rank == 0:   # verified at steps 3 and 6, then the end (8); printed by rank 0 only
             assert printed.count("verify [pairs] step") == 3, printed
         else:

@@ -128,16 +128,25 @@ def _resume_crafted(rank, world_size, ckdir, marker):
             errors.append(str(exc))
         shutil.move(path + ".orig", path)
     load_checkpoint(hybrid, ckdir)  # the genuine files load
+    with torch.no_grad():          # inf centers are never saved; nothing of the tag is left
+        head.weight[0, 0] = float("inf")
+    try:
+        save_checkpoint(hybrid, ckdir, tag="bad")
+    except FloatingPointError as exc:
+        errors.append(str(exc))
+    errors.append(os.path.exists(os.path.join(ckdir, "bad")))
     return errors
 
 
-def test_resume_refuses_crafted_backbone_and_head_shard(tmp_path):
+def test_resume_refuses_crafted_files_and_save_refuses_inf(tmp_path):
     from test_engine_support import run_ranks
     marker = tmp_path / "pwned"
     (errors,) = run_ranks(1, _resume_crafted, str(tmp_path / "ck"), str(marker))
-    assert len(errors) == 2 and "backbone.pt: refused" in errors[0]
+    assert len(errors) == 4 and "backbone.pt: refused" in errors[0]
     assert "head-rank00000.pt: refused" in errors[1]
     assert not marker.exists()
+    assert "non-finite weights (head centers of rank 0)" in errors[2]
+    assert "last good checkpoint is global_step0" in errors[2] and errors[3] is False
 
 
 def test_manifest_urls_are_names_never_commands(tmp_path):

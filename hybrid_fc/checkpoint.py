@@ -33,8 +33,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "load_file", "CheckpointError",
-           "CheckpointMismatch"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "load_file", "prune_checkpoints",
+           "CheckpointError", "CheckpointMismatch"]
 
 FORMAT = 1
 _META = "meta.json"
@@ -458,6 +458,37 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
         _atomic_write_text(tag, os.path.join(save_dir, "latest"))
     _barrier()
     return folder
+
+
+def prune_checkpoints(save_dir: str, keep_last: int) -> List[str]:
+    """Delete all but the newest `keep_last` complete checkpoints of `save_dir`; returns the
+    deleted tag folders. Complete = has hybrid/meta.json (written last by save_checkpoint);
+    newest = highest saved global_steps. The tag `latest` names is never deleted, nor is an
+    incomplete tag newer than the newest complete one (a save may be writing it). Call it from
+    one process (rank 0) after save_checkpoint has returned, never during a save."""
+    import shutil
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    latest = latest_tag(save_dir)
+    complete = []
+    for name in os.listdir(save_dir):
+        meta = os.path.join(save_dir, name, "hybrid", _META)
+        if not os.path.isfile(meta):
+            continue
+        try:
+            with open(meta) as f:
+                steps = int(json.load(f)["global_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to judge: leave it
+        complete.append((steps, name))
+    complete.sort()
+    removed = []
+    for _, name in complete[:-keep_last]:
+        if name == latest:
+            continue
+        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        removed.append(name)
+    return removed
 
 
 def _ranges(head):

@@ -207,6 +207,9 @@ class TrainConfig:
     """Log loss, img/s, lr and loss scale on rank 0 every this many optimizer steps."""
     checkpoint_every: int = 500
     """Save a checkpoint every this many optimizer steps (and at the end); 0: only at the end."""
+    keep_last: int = 0
+    """Keep only the newest this many checkpoints (rank 0 deletes older complete ones after each
+    save; never the one `latest` names); 0 keeps all."""
     resume: bool = True
     """Resume from output_dir's latest checkpoint when one exists."""
     seed: int = 0
@@ -226,6 +229,8 @@ class TrainConfig:
         _require(self.steps >= 1, "train.steps", "must be >= 1", self.steps)
         _require(bool(self.output_dir), "train.output_dir", "must be set", self.output_dir)
         _require(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        _require(self.keep_last >= 0, "train.keep_last", "must be >= 0 (0 keeps all)",
+                 self.keep_last)
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0",
                  self.checkpoint_every)
 

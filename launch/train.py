@@ -201,7 +201,8 @@ def main(argv=None):
     import deepspeed
     from hybrid_fc import PartialFC
     from hybrid_fc.backbones import build_backbone
-    from hybrid_fc.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+    from hybrid_fc.checkpoint import (latest_tag, load_checkpoint, prune_checkpoints,
+                                      save_checkpoint)
     from hybrid_fc.config import config_to_dict, load_config
     from hybrid_fc.engine import HybridEngine, WarmupDecay
 
@@ -264,6 +265,14 @@ def main(argv=None):
                        resumed=resumed is not None)
     verify = build_verification(cfg, log)
     last_saved = hybrid.global_steps if resumed is not None else -1
+
+    def save():
+        save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
+                        rank_state=loader.state_dict() if loader is not None else None)
+        if cfg.train.keep_last and rank == 0:  # after the save's last barrier: none in flight
+            for tag in prune_checkpoints(out, cfg.train.keep_last):
+                log.metrics.log(f"hybrid_fc: removed old checkpoint {os.path.join(out, tag)} "
+                                f"(train.keep_last={cfg.train.keep_last})")
     hybrid.train()
     while hybrid.global_steps < cfg.train.steps:
         for _ in range(gas):
@@ -281,15 +290,13 @@ def main(argv=None):
         if verify is not None and step < cfg.train.steps:  # the hook acts every eval.every
             log.exclude(lambda: verify(hybrid, step))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
-                            rank_state=loader.state_dict() if loader is not None else None)
+            save()
             last_saved = step
     log.maybe_print(hybrid, force=True)
     if verify is not None:
         verify(hybrid, hybrid.global_steps, force=True)
     if last_saved != hybrid.global_steps:
-        save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
-                        rank_state=loader.state_dict() if loader is not None else None)
+        save()
     if rank == 0:
         log.metrics.log(f"hybrid_fc: done at step {hybrid.global_steps}; checkpoint "
                         f"{os.path.join(out, open(os.path.join(out, 'latest')).read())}")

@@ -287,3 +287,26 @@ def test_bf16_int8_head_shard_is_smaller():
         torch.save(_head_shard(SimpleNamespace(head=head, head_optimizer=opt)), buf)
         sizes[sd] = buf.tell()
     assert sizes[torch.int8] / sizes[torch.float32] < (2 + 1 + 4 / 64) / 8 + 0.01, sizes
+
+
+def test_prune_keeps_the_newest_and_latest_and_in_flight_tags(tmp_path):
+    """keep_last=2 over complete tags of steps 100..500: 400 and 500 stay, and so does 200,
+    which `latest` names (a resumed run may point there); an incomplete tag (no meta.json:
+    a save in flight, or foreign folders) is never touched."""
+    import json
+
+    from hybrid_fc.checkpoint import prune_checkpoints
+    for step in (100, 200, 300, 400, 500):
+        h = tmp_path / f"global_step{step}" / "hybrid"
+        h.mkdir(parents=True)
+        (h / "meta.json").write_text(json.dumps({"global_steps": step}))
+        (h / "head-rank00000.pt").write_bytes(b"x" * 10)
+    (tmp_path / "global_step600" / "hybrid").mkdir(parents=True)   # being written
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "latest").write_text("global_step200")
+    removed = prune_checkpoints(str(tmp_path), 2)
+    assert sorted(removed) == ["global_step100", "global_step300"]
+    assert sorted(os.listdir(tmp_path)) == ["global_step200", "global_step400", "global_step500",
+                                            "global_step600", "latest", "tb"]
+    with pytest.raises(ValueError, match="keep_last"):
+        prune_checkpoints(str(tmp_path), 0)

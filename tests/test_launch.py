@@ -86,12 +86,14 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
 
     # Resume on one node with one rank (the head's 24 classes resharded 2 -> 1), 6 -> 9 steps.
     single = subprocess.run(LAUNCHER + ["--num_gpus", "1", "--master_port", str(_free_port())]
-                            + _train_args(tmp_path, dataset, 9),
+                            + _train_args(tmp_path, dataset, 9) + ["train.keep_last=1"],
                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     out = single.stdout + single.stderr
     assert single.returncode == 0, out[-4000:]
     assert "hybrid_fc: 1 ranks" in out and "resumed at step 6" in out and "done at step 9" in out
     assert (run / "latest").read_text() == "global_step9"
+    # train.keep_last=1: the older tags went after the new save
+    assert sorted(n for n in os.listdir(run) if n.startswith("global_step")) == ["global_step9"]
     starts = read_metrics(str(run), "start", last=False)
     assert [(r["step"], r["world_size"], r["resumed"]) for r in starts] == [(0, 2, False),
                                                                            (6, 1, True)]

@@ -47,10 +47,12 @@ def data_s3_shards(s3_server, data_tiny_shards):
 
 def test_stream_from_s3_in_forked_workers(data_s3_shards, data_tiny_shards):
     """One epoch over s3:// in 2 forked workers: the same batches as from local disk (the order
-    depends on the URLs' positions, not their names)."""
+    depends on the URLs' positions, not their names). The prefix without its trailing slash
+    (what make_shards prints) means the same."""
     remote = _batches(data_s3_shards, num_workers=2, shuffle_buffer=20)
     assert len(remote) == 12
     assert _same(remote, _batches(data_tiny_shards, num_workers=2, shuffle_buffer=20))
+    assert _same(remote, _batches(data_s3_shards.rstrip("/"), num_workers=2, shuffle_buffer=20))
 
 
 @pytest.mark.skipif(shutil.which("aws") is None,

@@ -60,6 +60,9 @@ class Manifest:
     counts: Optional[List[int]] = None
 
 
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def _scheme_and_place(url: str):
     """('s3', 'bucket') for s3://bucket/key, ('', '') for a local path."""
     if "://" not in url:
@@ -98,10 +101,12 @@ def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str]
         m = Manifest(list(source))
     else:
         src = str(source)
+        # A folder or prefix (with or without a trailing slash, local or s3://) holds a
+        # manifest.json; a shard name, a brace pattern or a pipe: command is a shard list.
+        shards = src.startswith("pipe:") or "{" in src or src.endswith(_SHARD_SUFFIXES)
         if src.endswith(".json"):
             murl = src
-        elif src.endswith("/") or (not is_remote(src) and not src.startswith("pipe:")
-                                   and not src.endswith(".tar") and "{" not in src):
+        elif not shards:
             murl = join_url(src, "manifest.json")
         else:
             murl = None
@@ -111,7 +116,8 @@ def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str]
             try:
                 data = json.loads(read_manifest_text(murl))
             except FileNotFoundError:
-                raise ShardError(f"no manifest at {murl}") from None
+                raise ShardError(f"no manifest at {murl} (a single shard's name ends in "
+                                 f"{' / '.join(_SHARD_SUFFIXES)})") from None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ShardError(f"{murl} is not a JSON manifest: {e}") from None
             for k in ("shards", "num_samples"):

@@ -1,10 +1,13 @@
 """Verification accuracy of a trained backbone on insightface pair sets: prints a table.
 
 One process (CPU or one GPU):
-    python launch/eval.py --checkpoint runs/ms1mv3_r50 --bin data/lfw.bin \\
-        --bin data/cfp_fp.bin --bin data/agedb_30.bin
+    python launch/eval.py --checkpoint runs/ms1mv3_r50 --pairs data/lfw.bin \\
+        --pairs data/cfp_fp.bin --pairs data/agedb_30.bin
 Every GPU of a node (each rank embeds a slice of every set; the result equals one process):
-    deepspeed --num_gpus 8 launch/eval.py --checkpoint runs/ms1mv3_r50 --bin data/lfw.bin
+    deepspeed --num_gpus 8 launch/eval.py --checkpoint runs/ms1mv3_r50 --pairs data/lfw.bin
+    torchrun --nproc_per_node 8 launch/eval.py --checkpoint runs/ms1mv3_r50 --pairs data/lfw.bin
+(--pairs was --bin, still accepted outside the deepspeed launcher, whose own argument parser
+reads --bin as an abbreviation of its --bind_cores_to_rank / --bind_core_list.)
 
 --checkpoint: a training run folder (its `latest` checkpoint; --tag picks another), a tag folder,
 or a backbone.pt written by launch/export.py. Any file not ending in .bin is read as a pair list
@@ -22,7 +25,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, tag folder or backbone.pt")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the run's latest)")
-    p.add_argument("--bin", action="append", required=True, dest="bins",
+    p.add_argument("--pairs", "--bin", action="append", required=True, dest="bins",
                    help="pair set (.bin or pair list); repeat for several")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (x2 with flip)")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")

@@ -71,7 +71,7 @@ def test_crafted_files_are_refused_by_every_reader(tmp_path):
         load_backbone_weights(str(tmp_path / "plain"))
     # the command-line tools say so and exit non-zero
     for script, extra in (("export.py", ["--out", str(tmp_path / "exp"), "--centers"]),
-                          ("eval.py", ["--bin", str(tmp_path / "none.bin")]),
+                          ("eval.py", ["--pairs", str(tmp_path / "none.bin")]),
                           ("extract.py", ["--images", str(tmp_path), "--out",
                                           str(tmp_path / "e.npy")])):
         for ck in (run, tmp_path / "plain"):

@@ -63,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "learning_check.png"),
                    help="where the loss-curve plot goes")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no training: read several OUT/learning_check.json files, group runs "
+                        "named NAME and NAME-headseedK as seeds of one setting, print per-seed "
+                        "and mean results and plot the mean accuracy curves to --png")
     p.add_argument("overrides", nargs="*", help="extra section.key=value for launch/train.py")
     return p.parse_args(argv)
 
@@ -170,8 +174,58 @@ def plot(curves, acc_curves, path, title):
     fig.savefig(path, dpi=100)
 
 
+def merge(paths, png):
+    """Seeds of one setting side by side: NAME and NAME-headseedK are the same setting."""
+    import re
+    import statistics
+    runs, curves, untrained = {}, {}, []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        untrained.append(100 * data["untrained"]["accuracy"])
+        for name, r in data["runs"].items():
+            setting, seed = re.fullmatch(r"(.+?)(?:-headseed(\d+))?", name).groups()
+            runs.setdefault(setting, {})[int(seed or 0)] = 100 * r["accuracy"]
+            curves.setdefault(setting, {})[int(seed or 0)] = data["accuracy_curves"][name]
+    print(f"untrained backbone: {', '.join(f'{u:.2f}' for u in untrained)}\n")
+    print("| setting | accuracy % per head seed | mean | spread (max - min) |")
+    print("|---|---|---|---|")
+    for setting, per in runs.items():
+        vals = [per[k] for k in sorted(per)]
+        print(f"| {setting} | " + ", ".join(f"seed {k}: {per[k]:.2f}" for k in sorted(per))
+              + f" | **{statistics.mean(vals):.2f}** | {max(vals) - min(vals):.2f} |")
+    steps = sorted({s for per in curves.values() for c in per.values() for s, _ in c})
+    means = {setting: [(s, statistics.mean(dict(c)[s] for c in per.values() if s in dict(c)))
+                       for s in steps] for setting, per in curves.items()}
+    print("\nmean verification accuracy % over the seeds during training:\n")
+    print("| step | " + " | ".join(means) + " |")
+    print("|---|" + "---|" * len(means))
+    for i, s in enumerate(steps):
+        print(f"| {s} | " + " | ".join(f"{means[k][i][1]:.2f}" for k in means) + " |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for color, (setting, per) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                                     curves.items()):
+        for c in per.values():
+            ax.plot([s for s, _ in c], [v for _, v in c], color=color, alpha=0.25, lw=1)
+        ax.plot([s for s, _ in means[setting]], [v for _, v in means[setting]], color=color,
+                lw=2.5, marker="o", ms=3, label=f"{setting} (mean of {len(per)} seeds)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("verification accuracy % (held-out identities)")
+    ax.set_title("per-seed curves (thin) and their mean (thick)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"\nplot {png}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.png)
     os.makedirs(args.out, exist_ok=True)
     sys.path.insert(0, ROOT)
     data = os.path.join(args.out, "data")

@@ -27,6 +27,7 @@ optimizer. Every YAML field can be overridden: `head.sample_rate=0.1 train.steps
 A run resumes from `train.output_dir/latest` automatically, at any number of ranks.
 """
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -74,35 +75,89 @@ def build_head_optimizer(cfg, params):
                        **low)
 
 
-def synthetic_batches(cfg, batch_size, rank, seed):
-    """In-memory synthetic identities (no files): class c's images are a fixed random image
-    (seeded by c) plus Gaussian noise of std data.synthetic_noise. Endless, distinct per rank."""
-    size, C = cfg.model.input_size, cfg.head.num_classes
-    g = torch.Generator().manual_seed(seed * 7919 + rank)
-    means = torch.randn(C, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    while True:
-        labels = torch.randint(0, C, (batch_size,), generator=g)
-        noise = torch.randn(batch_size, 3, size, size, generator=g) * cfg.data.synthetic_noise
-        yield means[labels] + noise, labels
+def _seed(*parts) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
-def webdataset_batches(cfg, batch_size, rank, world_size, rank_state, device):
-    """Shards through hybrid_fc.data's per-rank loader, endless over epochs."""
-    from hybrid_fc.data import augment, make_loader
-    loader = make_loader(cfg.data.urls, batch_size, rank=rank, world_size=world_size,
-                         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                         seed=cfg.train.seed, image_size=cfg.model.input_size)
-    if loader.num_classes is not None and loader.num_classes > cfg.head.num_classes:
-        raise ValueError(f"head.num_classes={cfg.head.num_classes} but the dataset "
-                         f"{cfg.data.urls} has {loader.num_classes} classes")
-    if rank_state is not None:
-        loader.load_state_dict(rank_state)
+class InputStreams:
+    """This rank's input: the batches and every random stream they depend on, as one state that
+    the checkpoint holds per rank (`state_dict` / `load_state_dict`), so that a run restarted at
+    the same size reads and augments exactly what the uninterrupted run would have:
+      - webdataset: the loader's position (hybrid_fc.data's exact-resume state);
+      - synthetic: micro-batch k is drawn from a generator seeded by (seed, rank, k), a pure
+        function of the position;
+      - the flip augmentation's own generator (never torch's global one, which launch/train.py
+        reseeds at every start), and torch's global CPU/CUDA generators (dropout and the like).
+    At another world size none of it applies (the loader continues at the same fraction of its
+    epoch in another order; hybrid_fc.data logs it)."""
 
-    def batches():
+    def __init__(self, cfg, batch_size, rank, world_size, device):
+        self.cfg, self.batch_size, self.rank, self.device = cfg, batch_size, rank, device
+        self.micro_batches = 0
+        self.augment_rng = torch.Generator(device=device)
+        self.augment_rng.manual_seed(_seed("augment", cfg.train.seed, rank))
+        self.loader = None
+        if cfg.data.source == "webdataset":
+            from hybrid_fc.data import make_loader
+            self.loader = make_loader(cfg.data.urls, batch_size, rank=rank, world_size=world_size,
+                                      num_workers=cfg.data.num_workers,
+                                      shuffle_buffer=cfg.data.shuffle_buffer,
+                                      seed=cfg.train.seed, image_size=cfg.model.input_size)
+            n = self.loader.num_classes
+            if n is not None and n > cfg.head.num_classes:
+                raise ValueError(f"head.num_classes={cfg.head.num_classes} but the dataset "
+                                 f"{cfg.data.urls} has {n} classes")
+        self._batches = None
+
+    def state_dict(self) -> dict:
+        state = {"micro_batches": self.micro_batches, "augment_rng": self.augment_rng.get_state(),
+                 "torch_rng": torch.get_rng_state(),
+                 "loader": self.loader.state_dict() if self.loader is not None else None}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "micro_batches" not in state:  # a checkpoint of an older version: the loader's state
+            state = {"loader": state}
+        self.micro_batches = int(state.get("micro_batches", 0))
+        if "augment_rng" in state:
+            self.augment_rng.set_state(state["augment_rng"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.loader is not None and state.get("loader") is not None:
+            self.loader.load_state_dict(state["loader"])
+
+    def __next__(self):
+        if self._batches is None:
+            self._batches = (self._synthetic() if self.loader is None else self._webdataset())
+        images, labels = next(self._batches)
+        self.micro_batches += 1
+        return images, labels
+
+    def _synthetic(self):
+        """In-memory synthetic identities (no files): class c's images are a fixed random image
+        (seeded by c) plus Gaussian noise of std data.synthetic_noise; distinct per rank."""
+        cfg, b = self.cfg, self.batch_size
+        size, C = cfg.model.input_size, cfg.head.num_classes
+        means = torch.randn(C, 3, size, size,
+                            generator=torch.Generator().manual_seed(cfg.train.seed))
         while True:
-            for images, labels in loader:
-                yield augment(images.to(device)), labels.to(device)
-    return loader, batches()
+            g = torch.Generator().manual_seed(
+                _seed("synthetic", cfg.train.seed, self.rank, self.micro_batches))
+            labels = torch.randint(0, C, (b,), generator=g)
+            noise = torch.randn(b, 3, size, size, generator=g) * cfg.data.synthetic_noise
+            yield (means[labels] + noise).to(self.device), labels.to(self.device)
+
+    def _webdataset(self):
+        from hybrid_fc.data import augment
+        while True:
+            for images, labels in self.loader:
+                yield (augment(images.to(self.device), generator=self.augment_rng),
+                       labels.to(self.device))
 
 
 def build_verification(cfg, log):
@@ -253,12 +308,9 @@ def main(argv=None):
               f"classes, {head.num_local} on rank 0; {where}", flush=True)
 
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    loader = None
-    if cfg.data.source == "synthetic":
-        batches = synthetic_batches(cfg, micro, rank, cfg.train.seed + hybrid.global_steps)
-    else:
-        rank_state = (resumed or {}).get("rank_state")
-        loader, batches = webdataset_batches(cfg, micro, rank, world_size, rank_state, device)
+    batches = InputStreams(cfg, micro, rank, world_size, device)
+    if (resumed or {}).get("rank_state") is not None:  # same world size: this rank's streams
+        batches.load_state_dict(resumed["rank_state"])
 
     log = _Log(cfg, rank, micro * gas * world_size)
     log.metrics.record("start", step=hybrid.global_steps, world_size=world_size,
@@ -268,7 +320,7 @@ def main(argv=None):
 
     def save():
         save_checkpoint(hybrid, out, client_state={"experiment": config_to_dict(cfg)},
-                        rank_state=loader.state_dict() if loader is not None else None)
+                        rank_state=batches.state_dict())
         if cfg.train.keep_last and rank == 0:  # after the save's last barrier: none in flight
             for tag in prune_checkpoints(out, cfg.train.keep_last):
                 log.metrics.log(f"hybrid_fc: removed old checkpoint {os.path.join(out, tag)} "

@@ -551,7 +551,13 @@ class ShardLoader:
         remaining = [share[w] - taken[w] for w in range(nw)]
         dataset = _RankStream(dict(self.cfg, epoch=self.epoch), rotation, remaining,
                               list(self._raw), [dict(s) for s in self._worker_stats])
-        kw = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        # Its own generator for the workers' base seed: a DataLoader without one draws it from
+        # torch's global generator at every iterator start, so a resumed run's global stream
+        # (dropout and the like) would drift from the uninterrupted run's.
+        base = torch.Generator().manual_seed(
+            _seed(self.cfg["seed"], self.epoch, self.cfg["rank"], "dataloader") % (1 << 62))
+        kw = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                  generator=base)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         batches = iter(torch.utils.data.DataLoader(dataset, **kw))

@@ -27,7 +27,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks", "rank_memory_bytes"]
+__all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks", "rank_memory_bytes",
+           "release_shm_buffers"]
 
 
 def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> List[str]:
@@ -67,6 +68,30 @@ def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> Li
             print_fn(f"hybrid_fc: build lock {lock} is {age:.0f} s old: DeepSpeed will wait for "
                      "it; if no other process is building that op, delete the file")
     return removed
+
+
+def release_shm_buffers() -> Optional[str]:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm; returns its path if it
+    was there. Collective (one barrier): call it on every rank right after
+    deepspeed.init_distributed().
+
+    DeepSpeed's CPU backend creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_
+    <rank> (69 MB, RAM) per rank and never unlinks it, also after a normal exit: an afternoon of
+    runs piled up gigabytes. Its shm_initialize maps every local rank's buffer before
+    init_distributed returns, so after a barrier every mapping exists and the names can go (a
+    mapping outlives its name; the memory is freed when the last process unmaps it, at exit).
+    Nothing to do on GPUs (no such buffer)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    name = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_"
+                        f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
+                        f"{dist.get_rank()}")
+    dist.barrier()
+    try:
+        os.unlink(name)
+    except (FileNotFoundError, PermissionError):
+        return None
+    return name
 
 
 def rank_memory_bytes(device: torch.device) -> Tuple[int, float]:

@@ -177,7 +177,10 @@ def load_for_inference(path: str, tag: Optional[str] = None, trust_checkpoint: b
     GPU LOCAL_RANK when there are GPUs; alone it stays single-process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import deepspeed
+
+        from .engine import release_shm_buffers
         deepspeed.init_distributed()
+        release_shm_buffers()
     model, cfg = load_backbone(path, tag, trust_checkpoint, **model_overrides)
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))

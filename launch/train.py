@@ -273,6 +273,8 @@ def main(argv=None):
         clear_stale_build_locks()
     deepspeed.init_distributed()
     import torch.distributed as dist
+    from hybrid_fc.engine import release_shm_buffers
+    release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run in /dev/shm
     rank, world_size = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")

@@ -38,6 +38,8 @@ def _rank_main(rank, world_size, port, fn, args, queue, env):
     try:
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=90))
+        from hybrid_fc.engine import release_shm_buffers
+        release_shm_buffers()  # no /dev/shm leftovers from the tests
         result = fn(rank, world_size, *args)
         queue.put((rank, True, pickle.dumps(result)))
     except BaseException:

@@ -97,7 +97,8 @@ def release_shm_buffers() -> Optional[str]:
 def rank_memory_bytes(device: torch.device) -> Tuple[int, float]:
     """(bytes one rank may use, reserve to keep back) for the memory plan: a GPU's total memory
     with 3 GB kept for the CUDA context, NCCL and allocator slack; on a CPU the memory the
-    system reports available now, shared by this node's ranks (LOCAL_WORLD_SIZE), with 1 GB
+    system reports available now, shared by this node's ranks (LOCAL_WORLD_SIZE under torchrun,
+    LOCAL_SIZE under deepspeed), with 1 GB
     per rank kept for the interpreter and DeepSpeed."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory, 3e9
@@ -111,7 +112,8 @@ def rank_memory_bytes(device: torch.device) -> Tuple[int, float]:
         pass
     if available is None:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))), 1e9
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    return available // max(1, int(local)), 1e9  # torchrun / deepspeed's launcher
 
 
 class WarmupDecay:

@@ -152,10 +152,10 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
         would turn int8 codes, fp32 row scales and int64 row steps into bf16: the saved
         dtypes are put back here (values moved to the parameter's device only)."""
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
+                         (p for g in self.param_groups for p in g["params"])))
         for pid, saved in state_dict["state"].items():
-            p = dict(zip(saved_ids, params)).get(pid)
+            p = by_id.get(pid)
             if p is None:
                 continue
             for key, value in saved.items():

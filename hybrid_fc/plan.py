@@ -297,6 +297,11 @@ def _max_classes(inp: PlanInput) -> int:
     return lo
 
 
+def _sparse(inp: PlanInput) -> str:
+    """The row-sparse variant of the head optimizer (what bf16 / int8 / sparse_grad need)."""
+    return "sparse_" + inp.head_optimizer.replace("sparse_", "")
+
+
 def _advice(inp: PlanInput, plan: Plan) -> str:
     if plan.fits:
         return ""
@@ -307,18 +312,18 @@ def _advice(inp: PlanInput, plan: Plan) -> str:
         tries.append(("head.weight_dtype=bfloat16 head_optim.state_dtype=int8 "
                       "(head_optim.name=sparse_sgd)",
                       replace(inp, weight_dtype="bfloat16", state_dtype="int8",
-                              head_optimizer="sparse_" + inp.head_optimizer.replace("sparse_", ""),
+                              head_optimizer=_sparse(inp),
                               sparse_grad=True)))
         if inp.chunk_size is None:
             tries.append(("head.weight_dtype=bfloat16 head_optim.state_dtype=int8 "
                           "head.chunk_size=65536",
                           replace(inp, weight_dtype="bfloat16", state_dtype="int8",
                                   chunk_size=65536, sparse_grad=True,
-                                  head_optimizer="sparse_" + inp.head_optimizer.replace("sparse_", ""))))
+                                  head_optimizer=_sparse(inp))))
     if not inp.sparse_grad:
         tries.insert(0, ("head.sparse_grad=true (head_optim.name=sparse_sgd)",
                          replace(inp, sparse_grad=True,
-                                 head_optimizer="sparse_" + inp.head_optimizer.replace("sparse_", ""))))
+                                 head_optimizer=_sparse(inp))))
     for text, alt in tries:
         if _evaluate(alt).fits:
             return f"would fit with {text}"

@@ -27,7 +27,6 @@ optimizer. Every YAML field can be overridden: `head.sample_rate=0.1 train.steps
 A run resumes from `train.output_dir/latest` automatically, at any number of ranks.
 """
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -75,11 +74,6 @@ def build_head_optimizer(cfg, params):
                        **low)
 
 
-def _seed(*parts) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 class InputStreams:
     """This rank's input: the batches and every random stream they depend on, as one state that
     the checkpoint holds per rank (`state_dict` / `load_state_dict`), so that a run restarted at
@@ -93,10 +87,11 @@ class InputStreams:
     epoch in another order; hybrid_fc.data logs it)."""
 
     def __init__(self, cfg, batch_size, rank, world_size, device):
+        from hybrid_fc.data import stable_seed
         self.cfg, self.batch_size, self.rank, self.device = cfg, batch_size, rank, device
         self.micro_batches = 0
         self.augment_rng = torch.Generator(device=device)
-        self.augment_rng.manual_seed(_seed("augment", cfg.train.seed, rank))
+        self.augment_rng.manual_seed(stable_seed("augment", cfg.train.seed, rank) >> 1)
         self.loader = None
         if cfg.data.source == "webdataset":
             from hybrid_fc.data import make_loader
@@ -141,13 +136,14 @@ class InputStreams:
     def _synthetic(self):
         """In-memory synthetic identities (no files): class c's images are a fixed random image
         (seeded by c) plus Gaussian noise of std data.synthetic_noise; distinct per rank."""
+        from hybrid_fc.data import stable_seed
         cfg, b = self.cfg, self.batch_size
         size, C = cfg.model.input_size, cfg.head.num_classes
         means = torch.randn(C, 3, size, size,
                             generator=torch.Generator().manual_seed(cfg.train.seed))
         while True:
             g = torch.Generator().manual_seed(
-                _seed("synthetic", cfg.train.seed, self.rank, self.micro_batches))
+                stable_seed("synthetic", cfg.train.seed, self.rank, self.micro_batches) >> 1)
             labels = torch.randint(0, C, (b,), generator=g)
             noise = torch.randn(b, 3, size, size, generator=g) * cfg.data.synthetic_noise
             yield (means[labels] + noise).to(self.device), labels.to(self.device)

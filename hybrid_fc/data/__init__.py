@@ -11,7 +11,7 @@ Importing this package has no side effects; the s3:// handler is registered by m
 """
 from .decode import augment, available_decoders, make_decoder
 from .loader import (Manifest, ShardError, ShardLoader, check_shards, load_manifest,
-                     make_loader)
+                     make_loader, stable_seed)
 from .recordio import IRHeader, RecordIOError, RecordIOFile, unpack_record
 from .shards import ConvertPlan, convert, parse_size
 from .sources import FolderSource, ListSource, RecordIOSource, SourceError, open_source
@@ -19,7 +19,7 @@ from .storage import register_s3_handler
 from .synthetic import (SyntheticSource, encode_jpeg, make_synthetic, synthetic_image,
                         synthetic_pairs)
 
-__all__ = ["augment", "available_decoders", "make_decoder", "Manifest", "ShardError",
+__all__ = ["stable_seed", "augment", "available_decoders", "make_decoder", "Manifest", "ShardError",
            "ShardLoader", "check_shards", "load_manifest", "make_loader", "IRHeader",
            "RecordIOError", "RecordIOFile", "unpack_record", "ConvertPlan", "convert",
            "parse_size", "FolderSource", "ListSource", "RecordIOSource", "SourceError",

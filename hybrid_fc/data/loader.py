@@ -40,8 +40,8 @@ from .decode import fit_size, make_decoder
 from .tario import iter_tar
 from .storage import is_remote, join_url, open_read, read_manifest_text, register_s3_handler
 
-__all__ = ["ShardError", "Manifest", "load_manifest", "check_shards", "make_loader",
-           "ShardLoader", "epoch_shards", "split_by_rank", "split_by_worker"]
+__all__ = ["stable_seed", "ShardError", "Manifest", "load_manifest", "check_shards",
+           "make_loader", "ShardLoader", "epoch_shards", "split_by_rank", "split_by_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def check_shards(urls: Sequence[str], *, timeout: float = 10.0, max_remote: int 
 
 # --- pipeline stages (run in the DataLoader workers) -------------------------------------------
 
-def _seed(*parts) -> int:
+def stable_seed(*parts) -> int:
     """A 64-bit seed from any tuple of ints/strings, stable across processes and runs."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
@@ -220,7 +220,7 @@ def epoch_shards(urls: Sequence[str], seed: int, epoch: int) -> Iterator[str]:
     """Infinite stream: a seeded permutation of all URLs, then another, ... (per epoch)."""
     for p in itertools.count():
         order = list(urls)
-        random.Random(_seed(seed, epoch, p)).shuffle(order)
+        random.Random(stable_seed(seed, epoch, p)).shuffle(order)
         yield from order
 
 
@@ -433,7 +433,7 @@ class _RankStream(torch.utils.data.IterableDataset):
             partial(read_shards, stats=stats, max_failures=c["max_failures"]),
         ]
         if c["shuffle_buffer"] > 1:
-            rng = random.Random(_seed(c["seed"], c["epoch"], c["rank"], worker, "shuffle"))
+            rng = random.Random(stable_seed(c["seed"], c["epoch"], c["rank"], worker, "shuffle"))
             stages.append(wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"], rng=rng))
         stages += [
             partial(_skip, n=self.skip[worker], stats=stats),
@@ -555,7 +555,7 @@ class ShardLoader:
         # torch's global generator at every iterator start, so a resumed run's global stream
         # (dropout and the like) would drift from the uninterrupted run's.
         base = torch.Generator().manual_seed(
-            _seed(self.cfg["seed"], self.epoch, self.cfg["rank"], "dataloader") % (1 << 62))
+            stable_seed(self.cfg["seed"], self.epoch, self.cfg["rank"], "dataloader") % (1 << 62))
         kw = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                   generator=base)
         if self.num_workers > 0:

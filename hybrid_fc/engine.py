@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks", "rank_memory_bytes",
-           "release_shm_buffers"]
+           "release_shm_buffers", "finish_distributed"]
 
 
 def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> List[str]:
@@ -92,6 +92,17 @@ def release_shm_buffers() -> Optional[str]:
     except (FileNotFoundError, PermissionError):
         return None
     return name
+
+
+def finish_distributed() -> None:
+    """End a launch script's process group cleanly: a barrier (no rank leaves while another still
+    talks to it), then destroy_process_group so gloo's threads are joined before the interpreter
+    exits. Without it a rank that reaches exit first could die of SIGABRT ("terminate called
+    without an active exception", about 1 run in 6 of 2-rank eval on CPU) and the launcher then
+    reports the whole run as failed. No-op when no process group exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def rank_memory_bytes(device: torch.device) -> Tuple[int, float]:

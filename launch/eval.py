@@ -64,4 +64,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    from hybrid_fc.engine import finish_distributed
+    finish_distributed()
     sys.exit(0)

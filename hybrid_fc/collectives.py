@@ -5,7 +5,7 @@ group has one rank. Backends: gloo (CPU tests) and NCCL (GPUs). gloo has no redu
 there the gather's backward is an all-reduce followed by taking the local slice (same result,
 W times the traffic); NCCL uses reduce_scatter_tensor.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,7 @@ import torch.distributed as dist
 __all__ = [
     "group_rank", "group_size", "gather_batch_meta", "all_gather_varlen", "all_gather_rows",
     "scale_grad", "sharded_margin_softmax_ce", "sync_buffers", "comm_device", "all_ranks_true",
+    "agree_on_error", "RankFailed",
 ]
 
 
@@ -39,6 +40,28 @@ def all_ranks_true(flag: bool, group=None) -> bool:
     t = torch.tensor([1 if flag else 0], device=comm_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
+
+
+class RankFailed(RuntimeError):
+    """Raised on the ranks that did nothing wrong when another rank failed (agree_on_error);
+    the message names that rank and its error. Launch scripts print it as one line: the
+    failing rank's traceback is the one to read."""
+
+
+def agree_on_error(error: Optional[BaseException], group=None) -> None:
+    """Collective: every rank of `group` learns whether any rank holds an error, so none walks
+    into the next collective alone and waits there for ever. No error anywhere: returns (cost:
+    one tiny all-reduce). Otherwise a rank holding an error raises it, and every other rank
+    raises RankFailed naming the lowest failing rank and its message."""
+    if all_ranks_true(error is None, group):
+        return
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    texts = [None] * group_size(group)
+    dist.all_gather_object(texts, text, group=group)
+    if error is not None:
+        raise error
+    k = next(i for i, t in enumerate(texts) if t is not None)
+    raise RankFailed(f"rank {k} failed: {texts[k]}")
 
 
 def gather_batch_meta(meta: torch.Tensor, group) -> List[List[int]]:
@@ -207,6 +230,11 @@ def _put_targets(block: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
     return block
 
 
+def _normalizes_rows(dtype) -> bool:
+    """fp16 operands: rows normalized before the cast (see _operand; the kernels do the same)."""
+    return dtype == torch.float16
+
+
 def _operand(w_b, inv_b, dtype):
     """The matmul operand for a block of raw rows, and the logit column factor it needs.
 
@@ -214,9 +242,22 @@ def _operand(w_b, inv_b, dtype):
     the (c, D) rows. fp16 is the exception: its narrow exponent range would lose the small
     elements of low-norm rows, so rows are normalized before the cast.
     """
-    if dtype == torch.float16:
+    if _normalizes_rows(dtype):
         return (w_b * inv_b.unsqueeze(1)).to(dtype), None
     return w_b.to(dtype), inv_b
+
+
+def _project_rows(w_b, rows, inv_b, col):
+    """In place: B = dlog'^T @ emb (c, D) fp32 -> d loss / d w for the raw rows w_b (c, D).
+
+    With u = w * k the matmul operand (k = 1 for raw rows, col = 1/||w||; k = 1/||w|| for
+    fp16's normalized ones, col None) and dlog' = d loss / d cos * (1/||w||) / k, B is
+    (d loss / d w_hat) / (||w|| k) and d w = k (B - w <w, B> / ||w||^2)."""
+    coef = torch.linalg.vecdot(w_b, rows, dim=1).mul_(inv_b).mul_(inv_b)  # (c,)
+    rows.addcmul_(w_b, coef.unsqueeze(1), value=-1.0)
+    if col is None:
+        rows.mul_(inv_b.unsqueeze(1))
+    return rows
 
 
 def _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t):
@@ -238,6 +279,12 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
     (three matmuls per step); without it only (N,) and (S,) vectors are kept and each block's
     logits are recomputed in backward (four matmuls, activation memory O(block * (N + D))).
 
+    `kernel` (hybrid_fc.kernels.triton_ce, or None for torch): computes this rank's row max and
+    sum-exp and, in backward, d emb and the rows' B = dlog'^T @ emb tile by tile without the
+    (N, S) logits (like keep_probs=False, with no block of logits in memory at all). Everything
+    else - target logits and the margin, the all-reduces, the loss, the margin's gradient, the
+    rows' projection - is the code below, shared by both backends.
+
     Storage dtype of the weight: fp32 keeps each block's fp32 exponentials and its gathered
     rows (activation memory O(S * (N + D)) x 4 bytes). bf16 storage (no fp32 master; the mode
     for hundreds of millions of classes) keeps the exponentials in bf16, each block relative to
@@ -247,13 +294,15 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, emb, weight, index, target, margin, group, block, keep_probs, sparse_grad):
+    def forward(ctx, emb, weight, index, target, margin, group, block, keep_probs, sparse_grad,
+                kernel):
         # emb: (N, D) normalized, compute dtype; weight: (num_local, D) stored (fp32 or bf16);
         # index: (S,) sampled local rows, sorted; target: (N,) position in index or -1.
         n, s_rows = emb.shape[0], index.shape[0]
         scale = margin.scale
         owned = target >= 0
         low = weight.dtype != torch.float32
+        keep_probs = keep_probs and kernel is None
 
         # Target cosines in fp32 from the stored rows (N x D, cheap), margin applied.
         w_t, inv_t = _rows_and_inv_norm(weight, index.index_select(0, target.clamp(min=0)))
@@ -268,7 +317,10 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         block_max = []  # keep_probs with bf16 storage: (N,) fp32 max of each block
         block_sum = []  # keep_probs with bf16 storage: (N,) fp32 sum of each block's exps
         run_sum = None if keep_probs else torch.zeros(n, device=emb.device)
-        for a, b in _block_bounds(s_rows, block):
+        if kernel is not None:  # (N,) local max and sum of exp(l - max), (S,) 1/||w||
+            row_max, run_sum, inv_norms = kernel.forward_stats(emb, weight, index, target,
+                                                               logit_t, scale)
+        for a, b in _block_bounds(s_rows, block) if kernel is None else ():
             w_b, inv_b = _rows_and_inv_norm(weight, index[a:b], out_inv=inv_norms[a:b])
             in_block = owned & (target >= a) & (target < b)
             logits = _block_logits(emb, w_b, inv_b, scale, target, a, in_block, logit_t)
@@ -312,6 +364,7 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         loss = (torch.log(sum_exp) + row_max - tgt).mean()
 
         ctx.margin, ctx.block, ctx.keep_probs, ctx.sparse_grad = margin, block, keep_probs, sparse_grad
+        ctx.kernel = kernel
         ctx.blocks, ctx.row_blocks, ctx.block_factor = blocks, row_blocks, block_max
         ctx.save_for_backward(emb, weight, index, target, cos_t, logit_t, row_max, sum_exp,
                               inv_norms)
@@ -336,10 +389,30 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             c = cos_t.detach().requires_grad_(True)
             dmargin, = torch.autograd.grad(margin(c).sum(), c)
         tgt_grad = (p_t - 1.0) * g * scale * dmargin                    # (N,) d loss / d cos_t
-        grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device)
-        # (S, D) gradient of the sampled rows, in the storage dtype (bf16: half the bytes).
-        grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=weight.dtype, device=emb.device)
-        for k, (a, b) in enumerate(_block_bounds(s_rows, block)):
+        # grad_rows: (S, D) gradient of the sampled rows, in the storage dtype (bf16: half the
+        # bytes).
+        if ctx.kernel is not None:
+            # d emb (N, D) and B (S, D), both fp32, tile by tile; then the shared projection.
+            grad_emb, grad_rows = ctx.kernel.backward(emb, weight, index, target, logit_t,
+                                                      inv_norms, row_max, row_f.squeeze(1),
+                                                      tgt_grad, scale)
+            grad_b = grad_rows  # fp32 storage: projected in place
+            if low:
+                grad_rows = torch.empty(grad_b.shape, dtype=weight.dtype, device=emb.device)
+            for a, b in _block_bounds(s_rows, block):
+                w_b = weight.index_select(0, index[a:b]).float()
+                inv_b = inv_norms[a:b]
+                rows = _project_rows(w_b, grad_b[a:b], inv_b,
+                                     None if _normalizes_rows(emb.dtype) else inv_b)
+                if low:
+                    grad_rows[a:b].copy_(rows)  # fp32 -> bf16, round to nearest
+                del w_b, rows
+            del grad_b
+        else:
+            grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device)
+            grad_rows = torch.empty((s_rows, weight.shape[1]), dtype=weight.dtype,
+                                    device=emb.device)
+        for k, (a, b) in enumerate(_block_bounds(s_rows, block) if ctx.kernel is None else ()):
             inv_b = inv_norms[a:b]
             in_block = owned & (target >= a) & (target < b)
             if ctx.keep_probs and low:  # bf16 exps of forward, rows gathered again
@@ -361,7 +434,7 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             # rows, k = 1/||w|| for fp16's normalized ones) and dlog' = dlog * (1/||w||) / k:
             #   d emb += dlog' @ u                                    (N, D)
             #   B = dlog'^T @ emb = (d loss / d w_hat) / (||w|| k)    (c, D)
-            #   d w = k (B - w <w, B> / ||w||^2)
+            #   d w = k (B - w <w, B> / ||w||^2)                        (_project_rows)
             op, col = _operand(w_b, inv_b, emb.dtype)
             if col is not None:
                 dlog.mul_(col.unsqueeze(0))
@@ -375,10 +448,7 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
             else:
                 rows.copy_(torch.matmul(dlog.t(), emb))
             del dlog
-            coef = torch.linalg.vecdot(w_b, rows, dim=1).mul_(inv_b).mul_(inv_b)  # (c,)
-            rows.addcmul_(w_b, coef.unsqueeze(1), value=-1.0)
-            if col is None:
-                rows.mul_(inv_b.unsqueeze(1))
+            _project_rows(w_b, rows, inv_b, col)
             if low:
                 grad_rows[a:b].copy_(rows)  # fp32 -> bf16, round to nearest
             del w_b, rows
@@ -390,11 +460,13 @@ class _ShardedMarginSoftmaxCE(torch.autograd.Function):
         else:
             grad_weight = torch.zeros_like(weight)
             grad_weight.index_copy_(0, index, grad_rows)
-        return grad_emb.to(emb.dtype), grad_weight, None, None, None, None, None, None, None
+        return (grad_emb.to(emb.dtype), grad_weight, None, None, None, None, None, None, None,
+                None)
 
 
 def sharded_margin_softmax_ce(emb, weight, index, target, margin, group, *, block: int,
-                              keep_probs: bool, sparse_grad: bool) -> torch.Tensor:
-    """Mean margin-softmax cross-entropy over the global batch; see _ShardedMarginSoftmaxCE."""
+                              keep_probs: bool, sparse_grad: bool, kernel=None) -> torch.Tensor:
+    """Mean margin-softmax cross-entropy over the global batch; see _ShardedMarginSoftmaxCE.
+    kernel: None (torch) or hybrid_fc.kernels.triton_ce (the fused per-rank kernels)."""
     return _ShardedMarginSoftmaxCE.apply(emb, weight, index, target, margin, group, block,
-                                         keep_probs, sparse_grad)
+                                         keep_probs, sparse_grad, kernel)

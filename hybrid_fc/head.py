@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .collectives import (all_gather_rows, all_gather_varlen, comm_device, gather_batch_meta,
                           group_rank, group_size, scale_grad, sharded_margin_softmax_ce)
 from .margins import MarginBase
@@ -105,6 +106,13 @@ class PartialFC(nn.Module):
         hybrid_fc.optim's SparseSGD / SparseAdamW, which compute in fp32 and write back with
         stochastic rounding (torch's optimizers would round every update to nearest and lose
         the ones below bf16's spacing).
+      backend: "auto" (default), "torch" or "triton". triton: the fused kernels of
+        hybrid_fc.kernels.triton_ce score the sampled rows tile by tile and never hold the
+        (B*W, S) logits (chunk_size then only sizes the blocks of the rows' gradient
+        projection); needs the `triton` extra and CUDA tensors (or CPU tensors under
+        TRITON_INTERPRET=1, for tests), and raises where it cannot run. auto: triton on CUDA
+        when triton is importable, torch otherwise (so CPU runs are unchanged). Decided per
+        step from the inputs' device.
 
     Precision: embeddings in bf16/fp16 make the matmuls run in that precision; normalization of
     the centers, softmax statistics, loss and the accumulation of gradients are fp32.
@@ -114,7 +122,8 @@ class PartialFC(nn.Module):
     def __init__(self, margin_loss: MarginBase, embedding_size: int, num_classes: int,
                  sample_rate: float = 1.0, *, process_group=None, sparse_grad: bool = False,
                  chunk_size: Optional[int] = None, seed: int = 0, check_inputs: bool = True,
-                 equal_batches: bool = False, weight_dtype=torch.float32, device=None):
+                 equal_batches: bool = False, weight_dtype=torch.float32, device=None,
+                 backend: str = "auto"):
         super().__init__()
         if not isinstance(margin_loss, MarginBase):
             raise TypeError("margin_loss must be an ArcFace, CosFace or CombinedMarginLoss "
@@ -128,6 +137,7 @@ class PartialFC(nn.Module):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         weight_dtype = parse_dtype(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
+        self.backend = kernels.check_backend(backend)
         self.process_group = process_group
         self.world_size = group_size(process_group)
         self.rank = group_rank(process_group)
@@ -158,7 +168,7 @@ class PartialFC(nn.Module):
                 f"num_classes={self.num_classes}, classes=[{self.class_start}, "
                 f"{self.class_range.end}) on rank {self.rank}/{self.world_size}, "
                 f"sample_rate={self.sample_rate}, sparse_grad={self.sparse_grad}, "
-                f"weight_dtype={self.weight_dtype}")
+                f"weight_dtype={self.weight_dtype}, backend={self.backend}")
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -260,6 +270,11 @@ class PartialFC(nn.Module):
         """
         labels, problem = self._local_problem(local_embeddings, local_labels)
         group = self.process_group
+        # Decided before any collective: a forced backend that cannot run raises on its own
+        # rank. Every rank holds the same settings and device type, so they all agree.
+        kernel = None
+        if kernels.select_backend(self.backend, self.weight.device) == "triton":
+            kernel = kernels.load_triton_ce(self.weight.device)
 
         if self.equal_batches and not self.check_inputs:
             if problem is not None:  # no collective to share it: this rank raises alone
@@ -286,4 +301,4 @@ class PartialFC(nn.Module):
                                        // emb.shape[0])
         return sharded_margin_softmax_ce(emb, self.weight, index, target, self.margin_loss, group,
                                          block=block, keep_probs=self.chunk_size is None,
-                                         sparse_grad=self.sparse_grad)
+                                         sparse_grad=self.sparse_grad, kernel=kernel)

@@ -83,9 +83,14 @@ class HeadConfig:
     weight_dtype: str = "float32"
     """Storage of the class centers: float32 (exact) or bfloat16 (2 bytes per element, no fp32
     master copy, stochastic rounding by the head optimizer; needs a sparse_* head optimizer)."""
+    backend: str = "auto"
+    """Head kernels: auto (the fused Triton kernels on CUDA when triton is installed, torch
+    otherwise), torch, or triton (never falls back: raises where the kernels cannot run)."""
 
     def __post_init__(self):
         _require_finite(self, "head")
+        _require(self.backend in ("auto", "torch", "triton"), "head.backend",
+                 "must be auto, torch or triton", self.backend)
         _require(self.num_classes >= 1, "head.num_classes", "must be >= 1", self.num_classes)
         _require(self.weight_dtype in ("float32", "bfloat16"), "head.weight_dtype",
                  "must be float32 or bfloat16", self.weight_dtype)

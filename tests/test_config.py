@@ -75,3 +75,12 @@ def test_every_field_has_a_docstring():
             after = body.split(f"    {f.name}:", 1)[1].split("\n", 2)[1].strip()
             assert after.startswith('"""'), f"{cls.__name__}.{f.name} has no docstring"
     assert src
+
+
+def test_head_backend_is_validated(tmp_path):
+    (tmp_path / "a.yaml").write_text("head:\n  backend: triton\n")
+    assert load_config(str(tmp_path / "a.yaml")).head.backend == "triton"
+    assert load_config(None, ["head.backend=torch"]).head.backend == "torch"
+    assert load_config(None, []).head.backend == "auto"
+    with pytest.raises(ValueError, match="head.backend: must be auto, torch or triton, got 'cuda'"):
+        load_config(None, ["head.backend=cuda"])

@@ -11,6 +11,14 @@ runs its warm-up steps, reads its peak memory, then alternates timed head steps 
 bare matmuls of the same sampled shape (logits, input grad, weight grad), so that both see the
 same machine load: the ratio head / matmuls is taken step by step. Timings are medians of
 forward + backward + optimizer step; the last printed line is one JSON object.
+
+On CUDA (NCCL): `--backend torch|triton|auto` picks the head's kernels, `--input-dtype bfloat16`
+feeds bf16 embeddings, the matmuls are also timed in bf16 (tensor cores: `head_over_gemm_bf16`)
+and the JSON carries torch.cuda.max_memory_allocated / max_memory_reserved per rank (slowest /
+largest rank). One GPU, the Triton kernels against the torch path:
+
+    python benchmarks/head_bench.py --classes 1000000 --dim 512 --batch 256 --world-size 1 \
+        --input-dtype bfloat16 --backend triton --skip-baseline
 """
 import argparse
 import datetime
@@ -76,31 +84,52 @@ def _timed(fn, device):
     return time.perf_counter() - t0
 
 
-def _measure(step, args, device, n, num_sample):
-    """Warm up, read the peak memory, then alternate timed steps with the bare matmuls."""
-    for i in range(args.warmup):
-        _timed(lambda: step(i), device)
-    peak = _peak_gb(device)
-    e = torch.randn(n, args.dim, device=device)
-    w = torch.randn(num_sample, args.dim, device=device)
-    g = torch.randn(n, num_sample, device=device)
+def _gemms(n, num_sample, dim, device, dtype):
+    """The three matmuls of a head step at the sampled shape, in `dtype`."""
+    e = torch.randn(n, dim, device=device, dtype=dtype)
+    w = torch.randn(num_sample, dim, device=device, dtype=dtype)
+    g = torch.randn(n, num_sample, device=device, dtype=dtype)
 
     def gemm():
         torch.matmul(e, w.t())   # logits          (N, S)
         torch.matmul(g, w)       # input grad      (N, D)
         torch.matmul(g.t(), e)   # weight grad     (S, D)
     gemm()
-    head_t, gemm_t = [], []
+    return gemm
+
+
+def _measure(step, args, device, n, num_sample):
+    """Warm up, read the peak memory, then alternate timed steps with the bare matmuls (on
+    CUDA also with bf16 ones: the tensor-core limit)."""
+    for i in range(args.warmup):
+        _timed(lambda: step(i), device)
+    peak = _peak_gb(device)
+    cuda = {}
+    if device.type == "cuda":  # read before the matmuls' own buffers exist
+        cuda = dict(cuda_max_allocated_gb=torch.cuda.max_memory_allocated(device) / 1e9,
+                    cuda_max_reserved_gb=torch.cuda.max_memory_reserved(device) / 1e9)
+    gemm = _gemms(n, num_sample, args.dim, device, torch.float32)
+    gemm_bf16 = _gemms(n, num_sample, args.dim, device, torch.bfloat16) \
+        if device.type == "cuda" else None
+    head_t, gemm_t, bf16_t = [], [], []
     for i in range(args.warmup, args.warmup + args.steps):
         head_t.append(_timed(lambda: step(i), device))
         gemm_t.append(_timed(gemm, device))
-    return dict(ms=statistics.median(head_t) * 1e3, gemm_ms=statistics.median(gemm_t) * 1e3,
-                ratio=statistics.median(h / m for h, m in zip(head_t, gemm_t)), peak_gb=peak)
+        if gemm_bf16 is not None:
+            bf16_t.append(_timed(gemm_bf16, device))
+    out = dict(ms=statistics.median(head_t) * 1e3, gemm_ms=statistics.median(gemm_t) * 1e3,
+               ratio=statistics.median(h / m for h, m in zip(head_t, gemm_t)), peak_gb=peak,
+               **cuda)
+    if bf16_t:
+        out["gemm_bf16_ms"] = statistics.median(bf16_t) * 1e3
+        out["ratio_bf16"] = statistics.median(h / m for h, m in zip(head_t, bf16_t))
+    return out
 
 
 def _batch(args, rank, step, device):
     g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(args.batch, args.dim, generator=g).to(device).requires_grad_(True)
+    x = torch.randn(args.batch, args.dim, generator=g).to(device, getattr(torch, args.input_dtype))
+    x.requires_grad_(True)
     y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
     return x, y
 
@@ -173,7 +202,7 @@ def _run_phase(rank, world, port, phase, args, queue):
     if phase == "head":
         head = PartialFC(ArcFace(64.0, 0.5), args.dim, args.classes, args.sample_rate,
                          sparse_grad=True, chunk_size=args.chunk_size, device=device,
-                         weight_dtype=getattr(torch, args.weight_dtype))
+                         weight_dtype=getattr(torch, args.weight_dtype), backend=args.backend)
         opt = SparseSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
                         state_dtype=getattr(torch, args.state_dtype), rounding=args.rounding)
 
@@ -237,6 +266,11 @@ def main(argv=None):
                     help="SparseSGD momentum storage (--momentum-dtype: the old name)")
     ap.add_argument("--rounding", default="stochastic", choices=["stochastic", "nearest"],
                     help="write-back of bf16 centers")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                    help="PartialFC backend (auto: triton on CUDA when installed, else torch)")
+    ap.add_argument("--input-dtype", default="float32",
+                    choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the embeddings fed to the head (the backbone's output)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / W)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="stay on CPU/gloo even if CUDA is present")
@@ -256,6 +290,7 @@ def main(argv=None):
         "sample_rate": args.sample_rate, "world_size": args.world_size,
         "chunk_size": args.chunk_size, "weight_dtype": args.weight_dtype,
         "state_dtype": args.state_dtype, "rounding": args.rounding,
+        "backend": args.backend, "input_dtype": args.input_dtype,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu
         else f"cpu x{os.cpu_count()}",
         "head_ms": round(max(o["ms"] for o in head), 2),
@@ -277,6 +312,12 @@ def main(argv=None):
             reserve=0, device="cuda" if torch.cuda.is_available() and not args.cpu else "cpu"))
             .head_bytes),
     }
+    if "cuda_max_allocated_gb" in head[0]:  # CUDA: the allocator's own counters, largest rank
+        for key in ("cuda_max_allocated_gb", "cuda_max_reserved_gb"):
+            result[key] = round(max(o[key] for o in head), 3)
+        result["cuda_bytes_per_element"] = round(result["cuda_max_allocated_gb"] * 1e9 / elems, 2)
+        result["gemm_bf16_limit_ms"] = round(max(o["gemm_bf16_ms"] for o in head), 2)
+        result["head_over_gemm_bf16"] = round(max(o["ratio_bf16"] for o in head), 3)
     if base:
         result["baseline_ms"] = round(max(o["ms"] for o in base), 2)
         result["baseline_gemm_limit_ms"] = round(max(o["gemm_ms"] for o in base), 2)

@@ -290,8 +290,12 @@ def load_backbone_state(engine, state: Dict[str, Any]) -> None:
         if tuple(state["params"][name].shape) != shape:
             raise CheckpointMismatch(f"backbone parameter {name}: checkpoint shape "
                                      f"{tuple(state['params'][name].shape)}, model {shape}")
-    if engine.fp16_enabled() and not any(_has_hp(p) for p in named.values()):
-        raise NotImplementedError("resharding an fp16 engine without ZeRO (stage 0) is not "
+    # fp16 / bf16 without ZeRO: DeepSpeed's FP16_UnfusedOptimizer keeps fp32 master copies
+    # and their optimizer state where backbone_state does not see them (a portable load would
+    # restore the low-precision weights only and silently drop master values and momentum).
+    low = engine.fp16_enabled() or engine.bfloat16_enabled()
+    if low and not any(_has_hp(p) for p in named.values()):
+        raise NotImplementedError("resharding an fp16/bf16 engine without ZeRO (stage 0) is not "
                                   "supported; use ZeRO stage >= 1 or resume at the same size")
     opt = state["optimizer"]
     inner = _inner_optimizer(engine)
@@ -518,7 +522,7 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
     else None (a per-rank data position has no meaning at another size).
     Everything is read as data only (`load_file`): the backbone from hybrid/backbone.pt, the
     head from its shards, at any size. trust_deepspeed_files=True lets DeepSpeed's own loader
-    read its files instead at the same data-parallel size (needed only for fp16 without
+    read its files instead at the same data-parallel size (needed only for fp16 or bf16 without
     ZeRO); that loader unpickles them, so a crafted checkpoint could run code: trusted
     checkpoints only. Collective: every rank calls it."""
     engine, head = hybrid.engine, hybrid.head

@@ -54,27 +54,27 @@ def _inv_norm_kernel(w_ptr, idx_ptr, inv_ptr, S, D, stride_w,
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr, EMU: tl.constexpr):
-    """x rounded to `dtype` (to nearest even). EMU (bf16 under the interpreter, whose bf16
+def _cast(x, like_ptr, EMU: tl.constexpr):
+    """x rounded to the element type of `like_ptr` (to nearest even). EMU (bf16 under the interpreter, whose bf16
     casts truncate and whose bf16 tl.dot multiplies the raw bit patterns): the rounding is done
     on the fp32 bits and the value stays fp32, so the dot runs on the same rounded operands."""
     if EMU:
         b = x.to(tl.float32).to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
         return b.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+    return x.to(like_ptr.dtype.element_ty)
 
 
 @triton.jit
-def _load_operand(w_ptr, rows, smask, rd, dmask, inv, stride_w, dtype: tl.constexpr,
+def _load_operand(w_ptr, rows, smask, rd, dmask, inv, stride_w, e_ptr,
                   NORMALIZED: tl.constexpr, EMU: tl.constexpr):
-    """(BS, BD) tile of the matmul operand: raw rows cast to `dtype`, or (NORMALIZED, fp16)
-    rows scaled by 1/||w|| in fp32 first."""
+    """(BS, BD) tile of the matmul operand: raw rows cast to the embeddings' dtype, or
+    (NORMALIZED, fp16) rows scaled by 1/||w|| in fp32 first."""
     w = tl.load(w_ptr + rows[:, None] * stride_w + rd[None, :],
                 mask=smask[:, None] & dmask[None, :], other=0.0)
     if NORMALIZED:
         w = w.to(tl.float32) * inv[:, None]
-    return _cast(w, dtype, EMU)
+    return _cast(w, e_ptr, EMU)
 
 
 @triton.jit
@@ -92,13 +92,12 @@ def _logits_tile(e_ptr, w_ptr, rn, nmask, rows, rs, smask, inv, tgt, logit_t, D,
                  stride_w, scale, BN: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                  NORMALIZED: tl.constexpr, EMU: tl.constexpr):
     """(BN, BS) fp32 logits s * cos with each row's target column set to its target logit."""
-    dtype = e_ptr.dtype.element_ty
     acc = tl.zeros([BN, BS], dtype=tl.float32)
     for d0 in range(0, D, BD):
         rd = d0 + tl.arange(0, BD)
         dmask = rd < D
         e = _load_emb(e_ptr, rn, nmask, rd, dmask, stride_e, EMU)
-        w = _load_operand(w_ptr, rows, smask, rd, dmask, inv, stride_w, dtype, NORMALIZED, EMU)
+        w = _load_operand(w_ptr, rows, smask, rd, dmask, inv, stride_w, e_ptr, NORMALIZED, EMU)
         acc = tl.dot(e, tl.trans(w), acc, input_precision="ieee")
     if NORMALIZED:
         logits = acc * scale
@@ -165,12 +164,11 @@ def _backward_kernel(e_ptr, w_ptr, idx_ptr, inv_ptr, tgt_ptr, lt_ptr, max_ptr, r
     dlog = tl.where(nmask[:, None] & smask[None, :], dlog, 0.0)
     if not NORMALIZED:
         dlog = dlog * inv[None, :]
-    dtype = e_ptr.dtype.element_ty
-    dl = _cast(dlog, dtype, EMU)
+    dl = _cast(dlog, e_ptr, EMU)
     for d0 in range(0, D, BD):
         rd = d0 + tl.arange(0, BD)
         dmask = rd < D
-        u = _load_operand(w_ptr, rows, smask, rd, dmask, inv, stride_w, dtype, NORMALIZED, EMU)
+        u = _load_operand(w_ptr, rows, smask, rd, dmask, inv, stride_w, e_ptr, NORMALIZED, EMU)
         ge = tl.dot(dl, u, input_precision="ieee")                          # (BN, BD)
         tl.atomic_add(ge_ptr + rn[:, None] * D + rd[None, :], ge,
                       mask=nmask[:, None] & dmask[None, :], sem="relaxed")

@@ -1,5 +1,6 @@
 """PartialFC against a single-process dense float64 reference, on 1-4 gloo ranks."""
 import math
+import os
 
 import pytest
 import torch
@@ -100,6 +101,11 @@ def _sampled_worker(rank, world, sample_rate, margin_name):
     loss = head(x, y)
     loss.backward()
     full_loss = full(x.detach(), y).item()
+    # The same sampled head with a dense gradient (same seed: the same sample is drawn)
+    dense = PartialFC(margin, D, C, sample_rate, sparse_grad=False, seed=SEED)
+    xd = x.detach().clone().requires_grad_(True)
+    dense_loss = dense(xd, y)
+    dense_loss.backward()
     index = head.weight.grad.coalesce().indices()[0]             # the rows this rank scored
     sampled = all_gather_varlen(index + head.class_start, [0] * 0 or _counts(index, world), None)
     # Reference: full softmax restricted to the sampled classes, in float64.
@@ -121,8 +127,14 @@ def _sampled_worker(rank, world, sample_rate, margin_name):
                 if x.shape[0] else 0.0,
                 wgrad_err=(wgrad.double() - w.grad[mine]).abs().max().item(),
                 scale=max(e.grad.abs().max().item() * world, w.grad.abs().max().item()),
-                untouched_zero=bool(head.weight.grad.to_dense()[untouched].abs().max() == 0)
-                if untouched.any() else True)
+                n_untouched=int(untouched.sum()),
+                # rows outside the sample get exactly zero in the dense gradient, and the dense
+                # gradient is the sparse one laid out densely (same rows, same values)
+                dense_untouched_zero=bool((dense.weight.grad[untouched] == 0).all()),
+                dense_equals_sparse=bool(torch.equal(dense.weight.grad,
+                                                     head.weight.grad.to_dense())
+                                         and dense_loss.item() == loss.item()
+                                         and torch.equal(xd.grad, x.grad)))
 
 
 def _counts(index, world):
@@ -144,7 +156,11 @@ def test_sampled_matches_reference_over_sampled_classes(world):
         # Dropping classes removes terms from the log-sum-exp: never above the full loss.
         assert r["loss"] <= r["full"] + 1e-5, r
         assert r["egrad_err"] <= 1e-4 * r["scale"] and r["wgrad_err"] <= 1e-4 * r["scale"], r
-        assert r["untouched_zero"]
+        # Catches (planted: the dense branch writing the sampled rows' gradient one row off)
+        # a dense gradient that touches rows outside the sample or misplaces rows; the check
+        # it replaces looked at a sparse gradient's own complement, zero by construction.
+        assert r["n_untouched"] > 0
+        assert r["dense_untouched_zero"] and r["dense_equals_sparse"], r
 
 
 def test_gather_backward_is_reduce_scatter():
@@ -188,24 +204,38 @@ def _bf16_worker(rank, world):
     sizes = [8, 8]
     emb, labels = _global_batch(sizes, seed=9)
     res = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    local = _local(emb, sizes, rank)
+    # "same": fp32 on exactly the bf16-rounded inputs, so only the head's arithmetic differs
+    for name, x in (("fp32", local.float()), ("bf16", local.bfloat16()),
+                    ("same", local.bfloat16().float())):
         head = PartialFC(ArcFace(64.0, 0.5), D, C, 1.0, seed=SEED)
-        x = _local(emb, sizes, rank).to(dtype).clone().requires_grad_(True)
+        x = x.clone().requires_grad_(True)
         loss = head(x, _local(labels, sizes, rank))
         loss.backward()
-        assert loss.dtype == torch.float32 and x.grad.dtype == dtype
-        res[str(dtype)] = (loss.item(), x.grad.float(), head.weight.grad.clone())
+        assert loss.dtype == torch.float32 and x.grad.dtype == x.dtype
+        res[name] = (loss.item(), x.grad.float(), head.weight.grad.clone())
     return res
 
 
 def test_bf16_within_tolerance_of_fp32():
+    """Within bf16's tolerance of fp32, and measurably not fp32: on identical (bf16-rounded)
+    input values the bf16 head must differ from the fp32 head by bf16 rounding. Catches a head
+    that silently computes bf16 input in fp32 (planted: the cast to the input dtype after the
+    fp32 normalization dropped; the tolerance check alone passed it)."""
     for r in run_world(2, _bf16_worker):
-        (l32, e32, w32), (l16, e16, w16) = r["torch.float32"], r["torch.bfloat16"]
+        (l32, e32, w32), (l16, e16, w16) = r["fp32"], r["bf16"]
         # bf16 keeps 8 mantissa bits: cosines carry ~4e-3 relative error, times s=64 that is
         # up to ~0.25 per logit; the loss (log-sum-exp, fp32) moves by a few 1e-2 at most.
         assert abs(l16 - l32) <= 0.03 * max(1.0, abs(l32)), (l16, l32)
         for a, b in ((e16, e32), (w16, w32)):
             assert (a - b).norm() <= 0.05 * b.norm(), ((a - b).norm(), b.norm())
+        # Lower bounds: bf16 operands move the loss by ~1e-2 and the centers' gradient by
+        # ~5e-3 relative here; fp32 arithmetic on the same values differs by ~1e-6 at most.
+        # (The embeddings' gradient is no witness: it is returned in bf16 either way.)
+        l_same, _, w_same = r["same"]
+        assert abs(l16 - l_same) > 1e-3, (l16, l_same)
+        assert (w16 - w_same).norm() > 1e-3 * w_same.norm(), ((w16 - w_same).norm(),
+                                                              w_same.norm())
 
 
 def test_plain_torch_sgd_works_with_dense_grad():
@@ -324,3 +354,67 @@ def test_fp16_within_tolerance_of_dense_reference():
         assert abs(r["loss"] - r["ref"]) <= 0.01 * max(1.0, r["ref"]), r
         assert r["egrad"] <= 0.02 * r["egrad_ref"], r
         assert r["wgrad"] <= 0.02 * r["wgrad_ref"], r
+
+
+_MEMORY_SCRIPT = r"""
+import json, re, sys
+import torch
+torch.set_num_threads(1)
+from hybrid_fc import ArcFace, PartialFC
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+n, d, c, chunk = (int(a) for a in sys.argv[1:5])
+chunk = chunk or None
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, d, generator=g).requires_grad_(True)
+y = torch.randint(0, c, (n,), generator=g)
+head = PartialFC(ArcFace(16.0, 0.3), d, c, 1.0, sparse_grad=True, chunk_size=chunk)
+small = PartialFC(ArcFace(16.0, 0.3), d, 64, 1.0, sparse_grad=True, chunk_size=chunk)
+small(x[:8].detach().requires_grad_(True), y[:8] % 64).backward()  # one-time costs first
+reset = True
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+except OSError:
+    reset = False  # then VmHWM includes start-up peaks: only ever an overestimate
+before = status("VmRSS")
+head(x, y).backward()
+print(json.dumps({"extra": status("VmHWM") - before, "reset": reset}))
+"""
+
+
+def _peak_extra_bytes(n, d, c, chunk):
+    """Peak resident memory of one forward + backward above the memory before it, measured in
+    a fresh process (torch's CPU allocator keeps no statistics; the kernel's high-water mark
+    of the resident set does)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(n), str(d), str(c),
+                          str(chunk or 0)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+
+
+def test_chunk_size_bounds_peak_memory():
+    """chunk_size: the (N, S) logits never exist at once. N=512 embeddings against S=65536
+    sampled centers of width 32: unchunked, the fp32 exponentials kept for backward are
+    N*S*4 = 134 MB (measured: ~142 MB above the start, with the gathered rows); with
+    chunk_size=2048 only one (N, 2048) block (4 MB) and the (S, D) gradient rows (8 MB) live at
+    a time (measured: ~7 MB). Catches a head that ignores chunk_size (planted: keep_probs
+    forced on, the block size left automatic): the chunked peak is then the unchunked one."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.fail("this test reads the resident-set high-water mark from /proc (Linux)")
+    n, d, c = 512, 32, 65536
+    logits = n * c * 4
+    full = _peak_extra_bytes(n, d, c, None)
+    chunked = _peak_extra_bytes(n, d, c, 2048)
+    assert full >= 0.8 * logits, (full, logits)        # the measurement sees the logits
+    assert chunked <= 0.25 * logits, (chunked, logits)  # and chunking removes them

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from _extras import find_aws_cli, require_extra
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # DeepSpeed's CPU backend JIT-compiles its shared-memory op (deepspeed_shm_comm, ~50 s on 2
@@ -49,11 +51,16 @@ def data_tiny_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def aws_cli() -> str:
+    return find_aws_cli()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real local S3 server (moto's server mode) on 127.0.0.1; the AWS_* variables point at it
     for this process and its children (forked DataLoader workers, the aws CLI). Yields the
     endpoint URL."""
-    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (test extras)")
+    moto_server = require_extra("moto.server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

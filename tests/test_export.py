@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from _extras import require_extra
 from test_engine_support import ds_config, run_ranks
 
 from hybrid_fc.export import (CheckpointError, OnnxExportError, export_class_centers,
@@ -180,8 +181,8 @@ def _tiny_model():
 
 
 def test_onnx_dynamic_batch_matches_pytorch(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    onnx = require_extra("onnx")          # test extras: fail, never skip, when missing
+    ort = require_extra("onnxruntime")
     model = _tiny_model()
     path = str(tmp_path / "bb.onnx")
     info = export_onnx(model, path, SIZE)
@@ -212,7 +213,7 @@ class _DataDependent(torch.nn.Module):
 
 
 def test_onnx_refuses_data_dependent_control_flow(tmp_path):
-    pytest.importorskip("onnx")
+    require_extra("onnx")
     with pytest.raises(OnnxExportError, match="_DataDependent.*data-dependent control flow"):
         export_onnx(_DataDependent(), str(tmp_path / "x.onnx"), SIZE)
     assert not os.path.exists(tmp_path / "x.onnx")

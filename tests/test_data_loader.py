@@ -110,11 +110,11 @@ def _handmade_shards(d, n_shards=3, per=10):
 
 def test_corrupt_samples_and_truncated_tar_are_counted(tmp_path, caplog):
     manifest = _handmade_shards(str(tmp_path))
-    # shard 0: one JPEG cut short, one label that is not a number, one label out of range
+    # shard 0: one JPEG cut short, one label that is not a number (a label out of the
+    # manifest's range is not a corrupt sample but an error: tests/test_faults.py)
     members = _tar_members(tmp_path / "s0.tar")
     members["00001.jpg"] = members["00001.jpg"][:60]
     members["00002.cls"] = b"abc"
-    members["00003.cls"] = b"9"
     _write_tar(tmp_path / "s0.tar", [(k.split(".")[0], k.split(".")[1], v)
                                      for k, v in members.items()])
     # shard 1: truncated in the middle of a member
@@ -127,7 +127,7 @@ def test_corrupt_samples_and_truncated_tar_are_counted(tmp_path, caplog):
             batches = _epoch(loader)
         assert len(batches) == len(loader) == 7  # 30 // 4: the epoch length holds regardless
         assert all(((y >= 0) & (y < 4)).all() for _, y in batches)
-        assert loader.stats["corrupt_samples"] >= 3 and loader.stats["shard_errors"] >= 1
+        assert loader.stats["corrupt_samples"] >= 2 and loader.stats["shard_errors"] >= 1
     # the totals are logged by the main process
     assert "corrupt samples skipped" in caplog.text
 
@@ -136,6 +136,7 @@ def test_missing_and_unreachable_shards_fail_fast(tmp_path):
     manifest = _handmade_shards(str(tmp_path), n_shards=2, per=4)
     m = json.load(open(manifest))
     m["shards"].append({"url": "gone.tar", "count": 4})
+    m["num_samples"] += 4
     json.dump(m, open(manifest, "w"))
     t = time.time()
     with pytest.raises(ShardError, match="gone.tar"):

@@ -156,10 +156,11 @@ def test_manifest_urls_are_names_never_commands(tmp_path):
     from hybrid_fc.data import make_loader
     from hybrid_fc.data.loader import ShardError, load_manifest
     marker = tmp_path / "pwned"
-    for url, match in ((f"pipe:touch {marker}; cat x.tar", "is a command"),
-                       ("s3://elsewhere/x.tar", "outside the manifest's own local location"),
-                       (None, "has no url name")):
-        d = tmp_path / f"m{abs(hash(str(url))) % 1000}"
+    for i, (url, match) in enumerate((
+            (f"pipe:touch {marker}; cat x.tar", "is a command"),
+            ("s3://elsewhere/x.tar", "outside the manifest's own local location"),
+            (None, "has no url name"))):
+        d = tmp_path / f"m{i}"  # (a hash of the url collided now and then)
         d.mkdir()
         (d / "manifest.json").write_text(json.dumps(
             {"num_samples": 4, "num_classes": 2, "shards": [{"url": url, "count": 4}]}))

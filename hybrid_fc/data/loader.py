@@ -37,8 +37,9 @@ import torch
 import webdataset as wds
 
 from .decode import fit_size, make_decoder
-from .tario import iter_tar
-from .storage import is_remote, join_url, open_read, read_manifest_text, register_s3_handler
+from .tario import TarError, iter_tar
+from .storage import (endpoint_of, is_remote, join_url, open_read, read_manifest_text,
+                      register_s3_handler)
 
 __all__ = ["stable_seed", "ShardError", "Manifest", "load_manifest", "check_shards",
            "make_loader", "ShardLoader", "epoch_shards", "split_by_rank", "split_by_worker"]
@@ -118,15 +119,31 @@ def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str]
             except FileNotFoundError:
                 raise ShardError(f"no manifest at {murl} (a single shard's name ends in "
                                  f"{' / '.join(_SHARD_SUFFIXES)})") from None
+            except ImportError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a dead endpoint, bad credentials, EACCES
+                if not (is_remote(murl) or isinstance(e, OSError)):
+                    raise
+                raise ShardError(f"cannot read {murl} from {endpoint_of(murl)}: "
+                                 f"{type(e).__name__}: {e}") from None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ShardError(f"{murl} is not a JSON manifest: {e}") from None
             for k in ("shards", "num_samples"):
                 if k not in data:
                     raise ShardError(f"{murl}: manifest has no {k!r} field")
             base = murl.rsplit("/", 1)[0] if "/" in murl else "."
+            try:
+                counts = [int(s["count"]) for s in data["shards"]]
+                num_samples = int(data["num_samples"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ShardError(f"{murl}: a shard entry or num_samples is not a count "
+                                 f"({type(e).__name__}: {e})") from None
+            if sum(counts) != num_samples:
+                raise ShardError(f"{murl}: num_samples is {num_samples} but its shards' counts "
+                                 f"add up to {sum(counts)}; the manifest was edited or is from "
+                                 "another conversion (make_shards writes it)")
             m = Manifest([join_url(base, _shard_name(s, murl)) for s in data["shards"]],
-                         int(data["num_samples"]), data.get("num_classes"),
-                         [int(s["count"]) for s in data["shards"]])
+                         num_samples, data.get("num_classes"), counts)
     if not m.urls:
         raise ShardError(f"no shard URLs in {source!r}")
     if url_template:
@@ -272,37 +289,65 @@ def group_samples(files: Iterator[Tuple[str, bytes]], url: str) -> Iterator[dict
         yield sample
 
 
-def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8
-                ) -> Iterator[dict]:
+def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8,
+                counts: Optional[dict] = None, retry_s: float = 20.0) -> Iterator[dict]:
     """Open each URL and yield its samples as {"__key__", "__url__", ext: bytes}.
 
-    A shard that breaks mid-way is counted and skipped. A missing file raises at once; any
-    other failure raises once `max_failures` shards in a row produced nothing (an unreachable
-    store must stop training, not spin).
+    A remote shard (s3://, http) whose connection fails is opened again with backoff, skipping
+    the samples it already gave, for up to `retry_s` seconds from its first failure; then
+    ShardError names the shard and the endpoint (a store that went away stops training within
+    the bound instead of spinning; one that comes back loses nothing). A shard whose data is
+    broken (truncated tar, any local read error, a pipe: command's failure) is counted and
+    skipped; `max_failures` of them in a row without a single sample raise ShardError. A
+    missing file raises at once. counts: {url: samples} from the manifest; a shard read to its
+    end with another number of samples raises ShardError (a manifest that lies about its counts
+    would silently stretch or shrink every epoch).
     """
     failed_in_row = []
     for url in urls:
-        n, error = 0, None
-        try:
-            stream = open_read(url)
-        except FileNotFoundError as e:
-            raise ShardError(f"shard {url} does not exist ({e})") from None
-        except Exception as e:  # noqa: BLE001 - classified below
-            stream, error = None, e
-        if stream is not None:
-            abandoned = False
+        n, error, first_failure, attempt = 0, None, None, 0
+        while True:
             try:
-                files = iter_tar(stream)
-                for sample in group_samples(files, url):
-                    n += 1
-                    yield sample
-            except GeneratorExit:  # the epoch ended mid-shard
-                abandoned = True
-                raise
-            except Exception as e:  # noqa: BLE001 - truncated tar, read error, pipe exit status
-                error = e
-            finally:
-                error = _close(stream, abandoned) or error
+                stream = open_read(url)
+            except FileNotFoundError as e:
+                raise ShardError(f"shard {url} does not exist ({e})") from None
+            except Exception as e:  # noqa: BLE001 - classified below
+                stream, error = None, e
+            if stream is not None:
+                abandoned, given = False, n
+                try:
+                    samples = group_samples(iter_tar(stream), url)
+                    for sample in itertools.islice(samples, given, None):  # after a retry
+                        n += 1
+                        yield sample
+                except GeneratorExit:  # the epoch ended mid-shard
+                    abandoned = True
+                    raise
+                except Exception as e:  # noqa: BLE001 - truncated tar, read error, exit status
+                    error = e
+                finally:
+                    error = _close(stream, abandoned) or error
+            if error is None or not _transient(url, error):
+                break
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            left = retry_s - (now - first_failure)
+            if left <= 0:
+                raise ShardError(f"shard {url} cannot be read from {endpoint_of(url)}: "
+                                 f"{type(error).__name__}: {error} (after {n} samples; still "
+                                 f"failing after {attempt} retries in {retry_s:g} s, "
+                                 "data.retry_s)") from None
+            wait = min(0.5 * 2 ** attempt, left)
+            _note(stats, f"shard {url}: {type(error).__name__}: {error} (after {n} samples); "
+                         f"retrying in {wait:.1f} s")
+            time.sleep(wait)
+            attempt, error = attempt + 1, None
+        expected = counts.get(url) if counts else None
+        if error is None and expected is not None and n != expected:
+            raise ShardError(f"shard {url} holds {n} samples but the manifest says "
+                             f"{expected}: the manifest does not describe these shards "
+                             "(edited, or written for another conversion); run "
+                             "data/make_shards.py again or fix its counts")
         if error is not None:
             stats.shard_errors += 1
             _note(stats, f"shard {url}: {type(error).__name__}: {error} (after {n} samples)")
@@ -313,6 +358,13 @@ def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8
                                  + "\n  ".join(failed_in_row[-3:]))
         else:
             failed_in_row = []
+
+
+def _transient(url: str, error: Exception) -> bool:
+    """A failure worth retrying: a remote store's connection or server error, not broken data
+    (a tar that ends early or has a bad header fails the same way every time)."""
+    return (url.startswith(("s3://", "http://", "https://", "gs://"))
+            and not isinstance(error, (TarError, ShardError)))
 
 
 def _close(stream, abandoned: bool) -> Optional[Exception]:
@@ -358,6 +410,12 @@ def _alloc(shape: Tuple[int, ...], dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype).share_memory_()
 
 
+def _corrupt(stats: StreamStats, sample: dict, error: Exception):
+    stats.corrupt_samples += 1
+    _note(stats, f"corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: "
+                 f"{type(error).__name__}: {error}")
+
+
 def decode_batches(samples: Iterator[dict], batch_size: int, stats: StreamStats, worker: int,
                    decoder: str = "auto", image_size: Optional[Tuple[int, int]] = None,
                    num_classes: Optional[int] = None) -> Iterator[tuple]:
@@ -376,15 +434,21 @@ def decode_batches(samples: Iterator[dict], batch_size: int, stats: StreamStats,
             if data is None:
                 raise ValueError(f"no jpg/png member (has {sorted(k for k in s if k[0] != '_')})")
             label = int(s["cls"])
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                raise ValueError(f"label {label} outside [0, {num_classes})")
+        except Exception as e:  # noqa: BLE001 - an unreadable sample is skipped and counted
+            _corrupt(stats, s, e)
+            continue
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            # not a damaged sample but a wrong description of the dataset: stop, name the shard
+            raise ShardError(
+                f"shard {s.get('__url__')}: sample {s.get('__key__')} has label {label}, outside "
+                f"[0, {num_classes}) (the manifest's num_classes): the manifest understates "
+                "num_classes or the shard belongs to another dataset")
+        try:
             rgb = decode(data)
             if rgb.ndim != 3 or rgb.shape[2] != 3:
                 raise ValueError(f"decoded shape {rgb.shape}")
         except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and counted
-            stats.corrupt_samples += 1
-            _note(stats, f"corrupt sample {s.get('__key__')} in {s.get('__url__')}: "
-                         f"{type(e).__name__}: {e}")
+            _corrupt(stats, s, e)
             continue
         if image_size is None:
             image_size = tuple(rgb.shape[:2])
@@ -430,7 +494,8 @@ class _RankStream(torch.utils.data.IterableDataset):
             lambda: epoch_shards(c["urls"], c["seed"], c["epoch"]),
             partial(split_by_rank, rank=c["rank"], world_size=c["world_size"]),
             partial(split_by_worker, worker=worker, num_workers=nw),
-            partial(read_shards, stats=stats, max_failures=c["max_failures"]),
+            partial(read_shards, stats=stats, max_failures=c["max_failures"],
+                    counts=c["counts"], retry_s=c["retry_s"]),
         ]
         if c["shuffle_buffer"] > 1:
             rng = random.Random(stable_seed(c["seed"], c["epoch"], c["rank"], worker, "shuffle"))
@@ -456,7 +521,7 @@ class ShardLoader:
                  epoch: int = 0, samples_per_epoch: Optional[int] = None,
                  image_size: Optional[Union[int, Tuple[int, int]]] = None,
                  decoder: str = "auto", pin_memory: bool = False, prefetch_factor: int = 2,
-                 max_failures: int = 8):
+                 max_failures: int = 8, retry_s: float = 20.0):
         _check_int("batch_size", batch_size, 1)
         _check_int("world_size", world_size, 1)
         _check_int("num_workers", num_workers, 0)
@@ -483,6 +548,9 @@ class ShardLoader:
                         num_workers_logical=max(1, num_workers), batch_size=batch_size,
                         shuffle_buffer=shuffle_buffer, decoder=decoder, image_size=image_size,
                         num_classes=manifest.num_classes, max_failures=max_failures,
+                        retry_s=float(retry_s),
+                        counts=(dict(zip(manifest.urls, manifest.counts))
+                                if manifest.counts else None),
                         register_s3=any(u.startswith("s3://") for u in manifest.urls))
         self.epoch, self.batches_done = epoch, 0
         self._raw = [0] * self.cfg["num_workers_logical"]
@@ -613,10 +681,11 @@ def make_loader(source: Union[str, Sequence[str]], batch_size: int, *,
                 image_size: Optional[Union[int, Tuple[int, int]]] = None,
                 decoder: str = "auto", url_template: Optional[str] = None, check: bool = True,
                 check_timeout: float = 10.0, pin_memory: bool = False,
-                prefetch_factor: int = 2) -> ShardLoader:
+                prefetch_factor: int = 2, retry_s: float = 20.0) -> ShardLoader:
     """A ShardLoader for this rank. `source`: see load_manifest. rank / world_size default to
     torch.distributed's when it is initialized, else 0 / 1 (pass them explicitly under a
-    launcher that splits data differently). check: open shards first (check_shards)."""
+    launcher that splits data differently). check: open shards first (check_shards).
+    retry_s: how long a remote shard is retried after its connection fails (read_shards)."""
     if rank is None or world_size is None:
         dist = torch.distributed
         initialized = dist.is_available() and dist.is_initialized()
@@ -631,4 +700,5 @@ def make_loader(source: Union[str, Sequence[str]], batch_size: int, *,
     return ShardLoader(manifest, batch_size, rank=rank, world_size=world_size,
                        num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
                        epoch=epoch, samples_per_epoch=samples_per_epoch, image_size=image_size,
-                       decoder=decoder, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+                       decoder=decoder, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                       retry_s=retry_s)

@@ -160,8 +160,9 @@ class RecordIOFile:
 
     def read_image(self, offset: int, key: Optional[int] = None) -> Tuple[int, bytes]:
         """(label, image bytes) of the image record at `offset`; the label must be an integer."""
+        payload = self.read_at(offset, key)  # its errors name the file, key and offset
         try:
-            header, image = unpack_record(self.read_at(offset, key))
+            header, image = unpack_record(payload)
         except RecordIOError as e:
             raise RecordIOError(f"{self.path}: record key {key}: {e}") from None
         return label_to_int(header.label[0], f"{self.path}: record key {key}"), image

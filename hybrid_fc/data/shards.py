@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -123,8 +124,18 @@ def stable_permutation(n: int, seed: int) -> np.ndarray:
 _WORKER = {}  # per worker process: the source and output, set once by the pool initializer
 
 
-def _init_worker(source: Source, out: OutputDir):
+def _init_worker(source: Source, out: OutputDir, parent: int):
     _WORKER["source"], _WORKER["out"] = source, out
+    # A pool worker outlives a main process killed with SIGKILL (nothing tells it), and would
+    # sit on its pipe forever: watch the parent and leave when it is gone. Its temp shard is
+    # removed by the next run (OutputDir.remove_stale_temps).
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5):
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _write_shard(i: int, indices: np.ndarray, source: Optional[Source] = None,
@@ -242,6 +253,11 @@ def convert(source: Union[str, Source], out: str, *, shard_size: Union[str, int]
         if manifest["skipped"]:
             log.warning("%d source samples are not images and were left out (see %s 'skipped')",
                         len(manifest["skipped"]), MANIFEST)
+        if manifest["left_out"]:
+            first = manifest["left_out"][0]
+            log.warning("%d files under the source are not samples and were left out, e.g. %s "
+                        "(%s); all are listed in %s 'left_out'", len(manifest["left_out"]),
+                        first["path"], first["why"], MANIFEST)
         return manifest
     finally:
         outdir.cleanup()
@@ -256,7 +272,7 @@ def _run_shards(todo, order, plan, src, outdir, workers):
     # fork: the source's plan state (folder lists, offsets) is inherited, not pickled.
     ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(src, outdir)) as pool:
+                             initargs=(src, outdir, os.getpid())) as pool:
         pending, queue = set(), iter(todo)
         try:
             while True:
@@ -286,6 +302,7 @@ def _manifest(plan: ConvertPlan, src: Source, records: dict) -> dict:
         "shards": [{"url": r["url"], "count": r["count"], "bytes": r["bytes"]} for r in shards],
         "source": plan.source,
         "skipped": skipped,
+        "left_out": src.left_out(),
     }
 
 
@@ -298,6 +315,8 @@ def run_cli(prog: str, out: str, job: Callable[[], dict]) -> int:
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    left = len(m.get("skipped", [])) + len(m.get("left_out", []))
     print(f"{m['num_samples']} samples, {m['num_classes']} classes, {len(m['shards'])} shards "
-          f"-> {out}")
+          f"-> {out}" + (f"; {left} source files left out, listed in {MANIFEST} ('skipped', "
+                         "'left_out')" if left else ""))
     return 0

@@ -45,6 +45,11 @@ class Source:
         """Small text files to write next to the manifest (name -> content)."""
         return {}
 
+    def left_out(self) -> List[dict]:
+        """Files under the source that are not samples: [{"path", "why"}] (listed in the
+        manifest, never dropped silently)."""
+        return []
+
 
 def _stat_mean(paths: List[str]) -> float:
     sizes = [os.path.getsize(p) for p in paths]
@@ -93,11 +98,20 @@ class RecordIOSource(Source):
                     self.known_num_classes = int(header.label[1]) - first_id
         rec.close()
         self.rec = rec
+        rec_bytes = os.path.getsize(self.rec_path)
+        past = offsets >= rec_bytes
+        if past.any():
+            k = int(np.argmax(past))
+            raise SourceError(f"{self.idx_path}: key {int(keys[k])} starts at byte "
+                              f"{int(offsets[k])}, but {self.rec_path} has only {rec_bytes} bytes "
+                              f"({int(past.sum())} of {keys.size} records lie past its end): the "
+                              ".rec is truncated (an interrupted copy?) or the .idx belongs to "
+                              "another .rec")
         pos = np.searchsorted(keys, image_keys)
         self.keys = image_keys
         self.offsets = offsets[pos]
         # record sizes from the gaps between sorted offsets (exact up to padding)
-        all_sorted = np.sort(np.append(offsets, os.path.getsize(self.rec_path)))
+        all_sorted = np.sort(np.append(offsets, rec_bytes))
         nxt = all_sorted[np.searchsorted(all_sorted, self.offsets, side="right")]
         self._sizes = nxt - self.offsets
         self.num_samples = int(image_keys.size)
@@ -133,20 +147,41 @@ class FolderSource(Source):
         if not os.path.isdir(root):
             raise SourceError(f"image folder {root!r} does not exist")
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.classes, self._left_out = [], []
+        for e in sorted(os.scandir(root), key=lambda e: e.name):
+            if e.is_dir():
+                self.classes.append(e.name)
+            else:
+                self._left_out.append({"path": e.path, "why": _why_not_image(e, top=True)})
         if not self.classes:
             raise SourceError(f"image folder {root!r} has no identity sub-folders")
-        counts = np.array([len(self._list(c)) for c in self.classes], dtype=np.int64)
+        counts = []
+        for c in self.classes:
+            images, others = self._scan(c)
+            counts.append(len(images))
+            self._left_out += others
+        counts = np.array(counts, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # first index of each class
         self.num_samples = int(self.starts[-1])
         self.known_num_classes = len(self.classes)
         if self.num_samples == 0:
             raise SourceError(f"image folder {root!r} has no {'/'.join(IMAGE_EXTENSIONS)} images")
 
+    def _scan(self, cls: str) -> Tuple[List[str], List[dict]]:
+        """(sorted image file names of one identity folder, [{"path", "why"}] of the rest)."""
+        images, others = [], []
+        for e in os.scandir(os.path.join(self.root, cls)):
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(e.name)
+            else:
+                others.append({"path": e.path, "why": _why_not_image(e)})
+        return sorted(images), sorted(others, key=lambda d: d["path"])
+
     def _list(self, cls: str) -> List[str]:
-        d = os.path.join(self.root, cls)
-        return sorted(e.name for e in os.scandir(d)
-                      if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        return self._scan(cls)[0]
+
+    def left_out(self):
+        return list(self._left_out)
 
     def fingerprint(self):
         return {"kind": self.kind, "path": os.path.abspath(self.root),
@@ -241,6 +276,19 @@ class ListSource(Source):
     def iter_indices(self, indices):
         for i, path, label in self._lines(indices.tolist()):
             yield i, _read_file(self._resolve(path), f"{self.list_path} sample {i}"), label
+
+
+def _why_not_image(entry: os.DirEntry, top: bool = False) -> str:
+    """Why a folder entry is not taken as a sample."""
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return "dangling symbolic link"
+    if top:
+        return "not an identity folder (files directly under the root are not samples)"
+    if entry.is_dir():
+        return "a folder inside an identity folder (not searched)"
+    if not entry.is_file():
+        return "not a regular file"
+    return f"extension is not one of {'/'.join(IMAGE_EXTENSIONS)}"
 
 
 def _read_file(path: str, where: str = "") -> bytes:

@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from typing import List, Optional
 
-__all__ = ["register_s3_handler", "is_remote", "open_read", "join_url", "OutputDir"]
+__all__ = ["register_s3_handler", "is_remote", "open_read", "join_url", "OutputDir",
+           "endpoint_of"]
 
 # Streaming read size for S3 objects: one ranged GET per block. 8 MiB keeps per-request overhead
 # (~10 ms) small next to the transfer and costs 8 MiB of buffer per open shard per worker.
@@ -22,16 +23,37 @@ S3_BLOCK_SIZE = 8 << 20
 LOCAL_BUFFER = 1 << 20  # local shard reads: 1 MiB buffer -> few syscalls per 256 MB shard
 
 
-def _s3fs():
+# Reads fail fast and leave retrying to the caller (loader.read_shards retries a shard with
+# backoff for a bounded time, then names the shard and the endpoint): no retries inside botocore
+# or s3fs (theirs stacked to ~10 s per request against a dead endpoint, and 75 s per failed
+# epoch), a 5 s connect timeout (a black-holed endpoint) and a 20 s read timeout (a hung server).
+_READ_CONFIG = {"connect_timeout": 5, "read_timeout": 20,
+                "retries": {"max_attempts": 1, "mode": "standard"}}
+
+
+def _s3fs(for_streaming: bool = False):
+    """fsspec's s3 filesystem; for_streaming: without internal retries (see _READ_CONFIG)."""
     try:
         import fsspec
-        return fsspec.filesystem("s3")  # cached per process (fsspec checks the pid after fork)
+        if not for_streaming:
+            return fsspec.filesystem("s3")  # cached per process (fsspec checks the pid after fork)
+        fs = fsspec.filesystem("s3", config_kwargs=_READ_CONFIG)
+        fs.retries = 1  # s3fs's own retry loop around each call
+        return fs
     except ImportError as e:
         raise ImportError("s3:// URLs need s3fs: pip install s3fs (or hybrid_fc[test])") from e
 
 
+def endpoint_of(url: str) -> str:
+    """Where a URL is read from, for error messages: the S3 endpoint of an s3:// URL."""
+    if url.startswith("s3://"):
+        ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return f"endpoint {ep}" if ep else "the default AWS endpoint (AWS_ENDPOINT_URL unset)"
+    return "the local filesystem" if not is_remote(url) else url.split("/", 3)[2]
+
+
 def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
-    fs = _s3fs()
+    fs = _s3fs(for_streaming=mode[0] == "r")
     if mode[0] == "r":
         # fsspec's file object spends ~5-10 us of Python per read() call, and a tar reader makes
         # four per sample; a C BufferedReader in front serves them from 1 MiB chunks (measured

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "load_file", "prune_checkpoints",
-           "CheckpointError", "CheckpointMismatch"]
+           "remove_stale_temps", "CheckpointError", "CheckpointMismatch"]
 
 FORMAT = 1
 _META = "meta.json"
@@ -74,19 +74,63 @@ def _head_file(rank: int) -> str:
 
 
 # -- small file utilities ----------------------------------------------------------------------
-def _atomic_torch_save(obj, path: str) -> None:
+def _atomic_write(path: str, write) -> None:
+    """write(tmp) to `path`.tmp.<pid>, then rename it into place. A failure (disk full, a file
+    size limit, EIO) removes the temporary file and raises CheckpointError naming the file and
+    the free space; torch's own message for it is "basic_ios::clear: iostream error"."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            free = f"{st.f_bavail * st.f_frsize / 1e9:.2f} GB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {str(exc)[:200]}; "
+                              f"{free}): disk full, a quota or file-size limit, or an I/O "
+                              "error; nothing of this checkpoint is marked complete") from None
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    _atomic_write(path, write)
+
+
+def remove_stale_temps(save_dir: str) -> List[str]:
+    """Delete the `*.tmp.<pid>` files a killed or failed save left in `save_dir` (its `latest`
+    and every tag's hybrid/ folder); returns their paths. Call it from one process per
+    filesystem before the run's first save (launch/train.py: at start-up), never during one."""
+    import re
+    pattern = re.compile(r"\.tmp\.\d+$")
+    removed = []
+    if not os.path.isdir(save_dir):
+        return removed
+    folders = [save_dir] + [os.path.join(save_dir, t, "hybrid") for t in os.listdir(save_dir)]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if pattern.search(name):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+                except OSError:
+                    pass
+    return removed
 
 
 def latest_tag(load_dir: str) -> Optional[str]:
@@ -437,30 +481,50 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
         raise FloatingPointError(
             f"not saving {folder}: non-finite weights ({', '.join(bad[:4]) or 'on another rank'}"
             f"); the last good checkpoint is {latest_tag(save_dir) or 'none'} in {save_dir}")
-    if rank == 0:
-        os.makedirs(hfolder, exist_ok=True)
-    _barrier()
-    os.makedirs(hfolder, exist_ok=True)  # ranks on other nodes with their own filesystem view
-    if rank == 0:
-        bstate["client_state"] = client_state or {}
-        _atomic_torch_save(bstate, os.path.join(hfolder, _BACKBONE))
-    del bstate
-    shard = _head_shard(hybrid)
-    shard["rank_state"] = rank_state
-    _atomic_torch_save(shard, os.path.join(hfolder, _head_file(head.rank)))
-    del shard
-    engine.save_checkpoint(save_dir, tag, client_state=client_state or {}, save_latest=False)
+    from .collectives import agree_on_error
+    error = None
+    try:  # a rank that cannot write says so to all: none waits alone in the next barrier
+        if rank == 0:
+            os.makedirs(hfolder, exist_ok=True)
+    except OSError as exc:
+        error = CheckpointError(f"cannot create {hfolder}: {exc}")
+    agree_on_error(error)
+    try:
+        os.makedirs(hfolder, exist_ok=True)  # ranks on other nodes with their own view
+        if rank == 0:
+            bstate["client_state"] = client_state or {}
+            _atomic_torch_save(bstate, os.path.join(hfolder, _BACKBONE))
+        del bstate
+        shard = _head_shard(hybrid)
+        shard["rank_state"] = rank_state
+        _atomic_torch_save(shard, os.path.join(hfolder, _head_file(head.rank)))
+        del shard
+    except (CheckpointError, OSError) as exc:
+        error = exc
+    agree_on_error(error)
+    try:
+        engine.save_checkpoint(save_dir, tag, client_state=client_state or {}, save_latest=False)
+    except (OSError, RuntimeError) as exc:
+        error = CheckpointError(f"DeepSpeed's files in {folder} ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}): disk full, a quota or an I/O error?")
+    agree_on_error(error)
     if rank == 0:
         meta = {"format": FORMAT, "tag": tag, "num_classes": head.num_classes,
                 "embedding_size": head.embedding_size, "world_size": head.world_size,
                 "dp_world_size": engine.dp_world_size, "global_steps": engine.global_steps,
                 "class_ranges": [[r.start, r.num_local] for r in _ranges(head)],
                 "files": [_BACKBONE] + [_head_file(r) for r in range(head.world_size)]}
-        _atomic_write_text(json.dumps(meta, indent=1), os.path.join(hfolder, _META))
-    _barrier()                                        # every rank's files are complete
+        try:
+            _atomic_write_text(json.dumps(meta, indent=1), os.path.join(hfolder, _META))
+        except CheckpointError as exc:
+            error = exc
+    agree_on_error(error)                             # every rank's files are complete
     if rank == 0:
-        _atomic_write_text(tag, os.path.join(save_dir, "latest"))
-    _barrier()
+        try:
+            _atomic_write_text(tag, os.path.join(save_dir, "latest"))
+        except CheckpointError as exc:
+            error = exc
+    agree_on_error(error)
     return folder
 
 

@@ -164,6 +164,9 @@ class ScheduleConfig:
     apply_to_backbone: bool = True
     """Also scale the backbone's DeepSpeed-configured LR by the same multiplier (refused when
     the DeepSpeed JSON has its own "scheduler", which would be a second owner)."""
+    allow_change: bool = False
+    """Resume with another train.steps than the checkpoint was trained towards: the schedule is
+    recomputed over the new length, so the LR jumps (refused unless true; logged when true)."""
 
     def __post_init__(self):
         _require_finite(self, "schedule")
@@ -188,6 +191,9 @@ class DataConfig:
     """WebDataset sample shuffle buffer."""
     synthetic_noise: float = 0.5
     """Synthetic source: std of the per-image noise around its class's mean image."""
+    retry_s: float = 20.0
+    """Remote shards (s3://): how long a shard whose connection fails is retried (with
+    backoff, losing no sample) before the run stops with an error naming shard and endpoint."""
 
     def __post_init__(self):
         _require_finite(self, "data")
@@ -200,6 +206,7 @@ class DataConfig:
                  self.shuffle_buffer)
         _require(self.synthetic_noise >= 0, "data.synthetic_noise", "must be >= 0",
                  self.synthetic_noise)
+        _require(self.retry_s >= 0, "data.retry_s", "must be >= 0 seconds", self.retry_s)
 
 
 @dataclass
@@ -437,7 +444,14 @@ def _read_yaml(path: str, seen=()) -> Dict[str, Any]:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {path}: expected a mapping of sections at the top level")
+    for section, values in raw.items():
+        if section != "base" and values is not None and not isinstance(values, dict):
+            raise ValueError(f"config {path}: section {section!r} must be a mapping of keys "
+                             f"(`{section}:` then indented `key: value` lines), got "
+                             f"{type(values).__name__} {values!r:.80}")
     base = raw.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"config {path}: `base:` must name one YAML file, got {base!r:.80}")
     if base is None:
         return raw
     merged = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,))

@@ -21,6 +21,7 @@ overflow, which DeepSpeed decides for all ranks together, so head and backbone s
 """
 import math
 import os
+import sys
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks", "rank_memory_bytes",
-           "release_shm_buffers", "finish_distributed"]
+           "release_shm_buffers", "finish_distributed", "run_script"]
 
 
 def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> List[str]:
@@ -103,6 +104,21 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_script(main, argv=None) -> int:
+    """A launch script's entry: main(argv), then the process group's clean end. A rank that
+    stops because another failed (RankFailed) prints one line instead of a second traceback;
+    the failing rank's own traceback is the one to read. Returns the exit status."""
+    from .collectives import RankFailed
+    try:
+        main(argv)
+    except RankFailed as exc:
+        rank = os.environ.get("RANK", "?")
+        print(f"hybrid_fc: rank {rank} stopping: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finish_distributed()
+    return 0
 
 
 def rank_memory_bytes(device: torch.device) -> Tuple[int, float]:

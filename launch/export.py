@@ -58,7 +58,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    from hybrid_fc.engine import finish_distributed
-    finish_distributed()
-    sys.exit(0)
+    from hybrid_fc.engine import run_script
+    sys.exit(run_script(main))

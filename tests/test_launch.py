@@ -89,12 +89,27 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     assert meta["class_ranges"] == [[0, 12], [12, 12]] and meta["global_steps"] == 6
     assert (run / "global_step3" / "hybrid" / "meta.json").exists()  # periodic checkpoint
 
-    # Resume on one node with one rank (the head's 24 classes resharded 2 -> 1), 6 -> 9 steps.
-    single = subprocess.run(LAUNCHER + ["--num_gpus", "1", "--master_port", str(_free_port())]
-                            + _train_args(tmp_path, dataset, 9) + ["train.keep_last=1"],
-                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    # Resume on one node with one rank (the head's 24 classes resharded 2 -> 1), 6 -> 9 steps:
+    # a longer schedule would jump the LR, so it is refused unless schedule.allow_change=true
+    def resume(*extra):
+        return subprocess.run(LAUNCHER + ["--num_gpus", "1", "--master_port", str(_free_port())]
+                              + _train_args(tmp_path, dataset, 9) + ["train.keep_last=1", *extra],
+                              cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                              timeout=300)
+    refused = resume()
+    assert refused.returncode != 0
+    assert "trained towards 6 steps, this run says 9" in refused.stderr
+    assert "schedule.allow_change=true" in refused.stderr
+    assert (run / "latest").read_text() == "global_step6"
+    single = resume("schedule.allow_change=true")
     out = single.stdout + single.stderr
     assert single.returncode == 0, out[-4000:]
+    (change,) = read_metrics(str(run), "resume", last=False)
+    assert (change["step"], change["old_steps"], change["new_steps"]) == (6, 6, 9)
+    assert (change["old_world_size"], change["new_world_size"]) == (2, 1)
+    assert change["old_global_batch"] == 2 * change["new_global_batch"]
+    assert change["head_lr_before"] != change["head_lr_after"]
+    assert "resume changes the run" in out and "global batch" in out
     assert "hybrid_fc: 1 ranks" in out and "resumed at step 6" in out and "done at step 9" in out
     assert (run / "latest").read_text() == "global_step9"
     # train.keep_last=1: the older tags went after the new save

@@ -294,6 +294,11 @@ def test_auto_is_torch_on_cpu_even_under_the_interpreter(monkeypatch):
     assert kernels.select_backend("auto", torch.device("cpu")) == "torch"
     assert kernels.select_backend("torch", torch.device("cuda")) == "torch"
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(kernels, "TRITON_ON_CUDA_BY_DEFAULT", True)
+    assert kernels.select_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    assert kernels.select_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setattr(kernels, "TRITON_ON_CUDA_BY_DEFAULT", False)  # until a GPU verifies it
     assert kernels.select_backend("auto", torch.device("cuda")) == "torch"
 
 

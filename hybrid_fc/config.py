@@ -184,13 +184,17 @@ class DataConfig:
     source: str = "synthetic"
     """synthetic (random images from a fixed per-class mean, no files) or webdataset."""
     urls: str = ""
-    """WebDataset shard URLs (brace pattern, e.g. data/shard-{000000..000099}.tar)."""
+    """Shards: the folder or s3:// prefix data/make_shards.py wrote (manifest.json inside), a
+    manifest.json, or a brace pattern / pipe: command (then set data.samples_per_epoch)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1000
     """WebDataset sample shuffle buffer."""
     synthetic_noise: float = 0.5
     """Synthetic source: std of the per-image noise around its class's mean image."""
+    samples_per_epoch: int = 0
+    """Epoch length in samples; 0: from the manifest. Needed when data.urls is a brace pattern,
+    a list or a pipe: command without manifest.json."""
     retry_s: float = 20.0
     """Remote shards (s3://): how long a shard whose connection fails is retried (with
     backoff, losing no sample) before the run stops with an error naming shard and endpoint."""
@@ -207,6 +211,8 @@ class DataConfig:
         _require(self.synthetic_noise >= 0, "data.synthetic_noise", "must be >= 0",
                  self.synthetic_noise)
         _require(self.retry_s >= 0, "data.retry_s", "must be >= 0 seconds", self.retry_s)
+        _require(self.samples_per_epoch >= 0, "data.samples_per_epoch",
+                 "must be >= 0 (0: from the manifest)", self.samples_per_epoch)
 
 
 @dataclass

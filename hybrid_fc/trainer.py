@@ -81,7 +81,8 @@ class InputStreams:
                                       num_workers=cfg.data.num_workers,
                                       shuffle_buffer=cfg.data.shuffle_buffer,
                                       seed=cfg.train.seed, image_size=cfg.model.input_size,
-                                      retry_s=cfg.data.retry_s)
+                                      retry_s=cfg.data.retry_s,
+                                      samples_per_epoch=cfg.data.samples_per_epoch or None)
             n = self.loader.num_classes
             if n is not None and n > cfg.head.num_classes:
                 raise ValueError(f"head.num_classes={cfg.head.num_classes} but the dataset "

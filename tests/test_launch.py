@@ -256,3 +256,27 @@ def test_same_size_resume_is_bit_exact(tmp_path, dataset):
     la = {r["step"]: r["loss"] for r in read_metrics(straight, "train")}
     lb = {r["step"]: r["loss"] for r in read_metrics(stopped, "train")}
     assert [la[s] for s in (4, 5, 6, 7)] == [lb[s] for s in (4, 5, 6, 7)]
+
+
+def test_brace_pattern_sources_need_and_use_samples_per_epoch(dataset):
+    """data.urls as a brace pattern (no manifest.json): the error names data.samples_per_epoch;
+    given, the trainer's input streams read that many samples per epoch. The shipped configs
+    point at make_shards' folders (manifest inside), so they run as shipped."""
+    from hybrid_fc.config import load_config
+    from hybrid_fc.trainer import InputStreams
+    m = json.load(open(os.path.join(dataset, "manifest.json")))
+    names = sorted(s["url"] for s in m["shards"])
+    pattern = os.path.join(dataset, names[0][:-10] + "{" + names[0][-10:-4] + ".." +
+                           names[-1][-10:-4] + "}.tar")
+    args = ["data.source=webdataset", f"data.urls={pattern}", "data.num_workers=0",
+            f"head.num_classes={m['num_classes']}", "model.input_size=16"]
+    with pytest.raises(ValueError, match=r"data\.samples_per_epoch=N"):
+        InputStreams(load_config(None, args), 4, 0, 1, torch.device("cpu"))
+    streams = InputStreams(load_config(None, args + ["data.samples_per_epoch=40"]), 4, 0, 1,
+                           torch.device("cpu"))
+    assert len(streams.loader) == 10
+    images, labels = next(streams)
+    assert images.shape == (4, 3, 16, 16) and labels.max() < m["num_classes"]
+    for name in os.listdir(os.path.join(ROOT, "launch", "configs")):
+        cfg = load_config(os.path.join(ROOT, "launch", "configs", name))
+        assert "{" not in cfg.data.urls or cfg.data.samples_per_epoch > 0, name

@@ -531,8 +531,11 @@ class ShardLoader:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
         n = samples_per_epoch if samples_per_epoch is not None else manifest.num_samples
         if n is None:
-            raise ValueError("samples_per_epoch: the epoch length is unknown (no manifest); pass "
-                             "samples_per_epoch")
+            raise ValueError("samples_per_epoch: the epoch length is unknown: brace patterns, "
+                             "URL lists and pipe: commands carry no manifest.json. Pass "
+                             "samples_per_epoch (YAML: data.samples_per_epoch=N, the number of "
+                             "samples in the shards), or point the source at the folder or "
+                             "s3:// prefix data/make_shards.py wrote (manifest.json inside)")
         self.batches_per_epoch = n // (world_size * batch_size)
         if self.batches_per_epoch < 1:
             raise ValueError(f"batch_size: {n} samples per epoch give no full batch of "

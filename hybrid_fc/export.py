@@ -132,13 +132,39 @@ def load_backbone_weights(path: str, tag: Optional[str] = None, trust_checkpoint
                           "hybrid/backbone.pt nor DeepSpeed *_model_states.pt files")
 
 
+def import_factory(spec: str):
+    """The callable named by `module:factory` (e.g. `mynets.faces:make_backbone`), for a
+    backbone outside the registry. Given on the command line only (--model): a name read from
+    a checkpoint or a JSON file is never imported (that would let a file choose code to run)."""
+    import importlib
+    module, _, attr = str(spec).partition(":")
+    if not module or not attr:
+        raise ValueError(f"--model {spec!r}: expected module:factory, e.g. "
+                         "mynets.faces:make_backbone (a callable returning the nn.Module)")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"--model {spec!r}: cannot import {module!r} ({exc}); is its folder "
+                         "on PYTHONPATH?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--model {spec!r}: {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--model {spec!r}: {attr!r} is not callable")
+    return obj
+
+
 def load_backbone(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
-                  **model_overrides) -> Tuple[nn.Module, Dict[str, Any]]:
+                  model: Optional[str] = None, **model_overrides
+                  ) -> Tuple[nn.Module, Dict[str, Any]]:
     """(fp32 backbone in eval mode with the checkpoint's weights, its model config).
 
     `path`: a training checkpoint (see resolve_checkpoint) or a state dict written by
     save_backbone (`backbone.pt` with `backbone.json` beside it). model_overrides (backbone,
-    embedding_size, input_size, backbone_kwargs) replace or supply the saved model config."""
+    embedding_size, input_size, backbone_kwargs) replace or supply the saved model config.
+    model: `module:factory` of your own backbone (the README's "your own DeepSpeed model"
+    path): factory() builds the module the weights are loaded into; the registry is not used."""
     from hybrid_fc.backbones import build_backbone
     if os.path.isfile(path):
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -152,20 +178,28 @@ def load_backbone(path: str, tag: Optional[str] = None, trust_checkpoint: bool =
         sd, cfg, source = load_backbone_weights(path, tag, trust_checkpoint)
     cfg = dict(cfg or {})
     cfg.update({k: v for k, v in model_overrides.items() if v is not None})
-    missing = [k for k in ("backbone", "embedding_size") if k not in cfg]
-    if missing:
-        raise CheckpointError(f"{source}: no saved model config; pass {missing} "
-                              "(e.g. --backbone iresnet50 --embedding-size 512)")
     cfg.setdefault("input_size", 112)
     cfg.setdefault("backbone_kwargs", {})
-    model = build_backbone(cfg["backbone"], int(cfg["embedding_size"]),
-                           input_size=int(cfg["input_size"]), **cfg["backbone_kwargs"])
+    if model is not None:
+        net = import_factory(model)()
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"--model {model!r} returned {type(net).__name__}, not an "
+                             "nn.Module")
+        cfg["backbone"] = str(model)
+    else:
+        missing = [k for k in ("backbone", "embedding_size") if k not in cfg]
+        if missing:
+            raise CheckpointError(f"{source}: no saved model config; pass {missing} (e.g. "
+                                  "--backbone iresnet50 --embedding-size 512), or --model "
+                                  "module:factory for a backbone outside the registry")
+        net = build_backbone(cfg["backbone"], int(cfg["embedding_size"]),
+                             input_size=int(cfg["input_size"]), **cfg["backbone_kwargs"])
     try:
-        model.load_state_dict(sd, strict=True)
+        net.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{source}: the weights do not fit backbone {cfg['backbone']!r} "
-                              f"(embedding_size={cfg['embedding_size']}): {exc}") from None
-    return model.float().eval(), cfg
+                              f"(embedding_size={cfg.get('embedding_size')}): {exc}") from None
+    return net.float().eval(), cfg
 
 
 def load_for_inference(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False,

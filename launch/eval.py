@@ -32,6 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--nfolds", type=int, default=10)
     p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
     p.add_argument("--backbone", default=None, help="override / supply the saved model config")
+    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your own backbone outside the registry: MODULE:FACTORY() returns the "
+                        "nn.Module to load the weights into (MODULE importable, e.g. on "
+                        "PYTHONPATH)")
     p.add_argument("--embedding-size", type=int, default=None)
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow reading DeepSpeed's own checkpoint files when there is no "
@@ -47,7 +51,7 @@ def main(argv=None):
     from hybrid_fc.export import load_for_inference
     rank = int(os.environ.get("RANK", "0"))
     model, cfg = load_for_inference(args.checkpoint, args.tag, args.trust_checkpoint,
-                                    backbone=args.backbone,
+                                    model=args.model, backbone=args.backbone,
                                     embedding_size=args.embedding_size)
     size = args.image_size or int(cfg["input_size"])
     results = [evaluate(model, load_pair_set(path), size, batch_size=args.batch_size,

@@ -3,7 +3,8 @@
     python launch/export.py --checkpoint runs/ms1mv3_r50 --out exported/ --onnx --centers
 
 writes exported/backbone.pt (`model.load_state_dict(torch.load(...))` on
-hybrid_fc.backbones.build_backbone(**exported/backbone.json)), exported/backbone.onnx (input
+hybrid_fc.backbones.build_backbone(**exported/backbone.json), or on your own model's factory
+with --model module:factory for a backbone outside the registry), exported/backbone.onnx (input
 `images` (batch, 3, S, S) normalized as in training, output `embeddings` (batch, D); checked
 with onnxruntime at batch sizes 1 and 3 against PyTorch, normalized embeddings within 1e-4) and
 exported/centers.npy (the (C, D) fp32 class centers of all head shards, by class id).
@@ -25,6 +26,10 @@ def parse_args(argv=None):
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--centers", action="store_true", help="also write the class centers")
     p.add_argument("--backbone", default=None, help="override / supply the saved model config")
+    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your own backbone outside the registry: MODULE:FACTORY() returns the "
+                        "nn.Module to load the weights into (MODULE importable, e.g. on "
+                        "PYTHONPATH)")
     p.add_argument("--embedding-size", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -36,14 +41,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from hybrid_fc.export import export_class_centers, export_onnx, load_backbone, save_backbone
-    os.makedirs(args.out, exist_ok=True)
-    overrides = dict(backbone=args.backbone, embedding_size=args.embedding_size,
-                     input_size=args.input_size)
+    overrides = dict(model=args.model, backbone=args.backbone,
+                     embedding_size=args.embedding_size, input_size=args.input_size)
+    # save_backbone creates args.out only once the weights have loaded into the model: a
+    # checkpoint that cannot be read leaves no empty output folder behind
     pt = save_backbone(args.checkpoint, os.path.join(args.out, "backbone.pt"), args.tag,
                        args.trust_checkpoint, **overrides)
     written = {"state_dict": pt}
     if args.onnx:
-        model, cfg = load_backbone(pt)
+        model, cfg = load_backbone(pt, model=args.model)
         info = export_onnx(model, os.path.join(args.out, "backbone.onnx"),
                            int(cfg["input_size"]), opset=args.opset)
         written["onnx"] = info["path"]

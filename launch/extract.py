@@ -24,6 +24,10 @@ def parse_args(argv=None):
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
     p.add_argument("--backbone", default=None, help="override / supply the saved model config")
+    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your own backbone outside the registry: MODULE:FACTORY() returns the "
+                        "nn.Module to load the weights into (MODULE importable, e.g. on "
+                        "PYTHONPATH)")
     p.add_argument("--embedding-size", type=int, default=None)
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow reading DeepSpeed's own checkpoint files when there is no "
@@ -37,7 +41,7 @@ def main(argv=None):
     from hybrid_fc.export import load_for_inference
     from hybrid_fc.extract import extract_embeddings
     model, cfg = load_for_inference(args.checkpoint, args.tag, args.trust_checkpoint,
-                                    backbone=args.backbone,
+                                    model=args.model, backbone=args.backbone,
                                     embedding_size=args.embedding_size)
     n = extract_embeddings(model, args.images, args.out, args.image_size or int(cfg["input_size"]),
                            batch_size=args.batch_size, flip=not args.no_flip)

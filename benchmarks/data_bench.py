@@ -1,6 +1,8 @@
 """Loader throughput per worker core vs. the bare JPEG decode rate of the same bytes.
 
     python benchmarks/data_bench.py [--images 4096] [--workers 1] [--batch 128] [--no-s3]
+    python benchmarks/data_bench.py --images 64 --batch 16 --passes 1 --min-seconds 0.05
+                                                # smoke size (tests/test_smoke.py)
 
 Writes a synthetic 112x112 JPEG dataset (shards of 512 samples) to a temp dir, then measures in
 one run, on the same bytes:
@@ -99,6 +101,8 @@ def main():
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--data", default=None, help="reuse/keep the synthetic shards here")
     p.add_argument("--no-s3", action="store_true", help="skip the local S3 server measurement")
+    p.add_argument("--min-seconds", type=float, default=2.0,
+                   help="CPU seconds of each bare-decode loop (a smoke run passes a tiny one)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -120,7 +124,7 @@ def main():
               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch "
                          f"{torch.__version__}"}
     for name in available_decoders():
-        rate = bare_decode_rate(blobs, name)
+        rate = bare_decode_rate(blobs, name, min_seconds=args.min_seconds)
         result[f"decode_{name}_per_core"] = round(rate)
         print(f"bare decode {name:10s} {rate:9.0f} img/s per CPU-second")
     ref = result[f"decode_{available_decoders()[0]}_per_core"]

@@ -61,6 +61,8 @@ def parse_args(argv=None):
                         "rounding, all at sample rate 0.1 with sparse_sgd")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--master-port", type=int, default=29500,
+                   help="run i uses this + 7 i (tests pass a free one)")
     p.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "learning_check.png"),
                    help="where the loss-curve plot goes")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -103,7 +105,7 @@ def train(args, index, name, run_overrides, data, run_dir, pairs):
         if os.path.exists(os.path.join(run_dir, old)):
             os.remove(os.path.join(run_dir, old))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           "--master_port", str(29500 + 7 * index),
+           "--master_port", str(args.master_port + 7 * index),
            os.path.join(ROOT, "launch", "train.py"),
            "--config", os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
            "--deepspeed_config", os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"),

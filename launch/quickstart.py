@@ -14,6 +14,9 @@ prints the loss every 25 steps, verification accuracy on 600 pairs of 200 held-o
 (runs/quickstart/heldout_pairs.bin, insightface .bin format) every 100 steps and at the end,
 checkpoints to runs/quickstart, and fails unless the loss fell.
 Run it again and it resumes from the last checkpoint (train.steps=600 continues training).
+
+    python launch/quickstart.py --short --out /tmp/qs   # the same job at toy size (~30 s on
+                                                        # one core): what the tests run
 """
 import argparse
 import os
@@ -27,31 +30,46 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, default=2, help="processes (GPUs when present)")
-    p.add_argument("--identities", type=int, default=1000)
-    p.add_argument("--images-per-id", type=int, default=20)
+    p.add_argument("--identities", type=int, default=None, help="default 1000 (--short: 32)")
+    p.add_argument("--images-per-id", type=int, default=None, help="default 20 (--short: 8)")
+    p.add_argument("--out", default=os.path.join("runs", "quickstart"),
+                   help="data, held-out pairs and the run's checkpoints go here")
+    p.add_argument("--short", action="store_true",
+                   help="toy size: 32 identities x 8 images, 40 held-out pairs, 8 steps")
+    p.add_argument("--master_port", type=int, default=None,
+                   help="the launcher's rendezvous port (default: DeepSpeed's, 29500)")
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "ds_configs",
                                                               "cpu_zero1_fp32.json"))
     p.add_argument("overrides", nargs="*", help="section.key=value for launch/train.py")
     args = p.parse_args(argv)
+    identities = args.identities or (32 if args.short else 1000)
+    images_per_id = args.images_per_id or (8 if args.short else 20)
+    heldout, num_pairs = (16, 40) if args.short else (200, 600)
+    out = os.path.abspath(args.out)  # relative to where it was started, before the chdir
     os.chdir(ROOT)
     t0 = time.time()
-    data = os.path.join("runs", "quickstart", "data")
+    data = os.path.join(out, "data")
     if not os.path.isfile(os.path.join(data, "manifest.json")):
         from hybrid_fc.data import make_synthetic
-        print(f"writing {args.identities} x {args.images_per_id} synthetic images to {data}",
-              flush=True)
-        make_synthetic(data, args.identities, args.images_per_id, size=32, seed=0,
+        print(f"writing {identities} x {images_per_id} synthetic images to {data}", flush=True)
+        make_synthetic(data, identities, images_per_id, size=32, seed=0,
                        workers=max(1, min(4, os.cpu_count() or 1)), samples_per_shard=2000)
-    pairs = os.path.join("runs", "quickstart", "heldout_pairs.bin")
+    pairs = os.path.join(out, "heldout_pairs.bin")
     if not os.path.isfile(pairs):  # verification on identities the run never trains on
         from hybrid_fc.data import synthetic_pairs
         from hybrid_fc.evaluation import write_bin
-        write_bin(pairs, *synthetic_pairs(args.identities, 200, 600, size=32, seed=0))
+        write_bin(pairs, *synthetic_pairs(identities, heldout, num_pairs, size=32, seed=0))
+    short = (["train.steps=8", "train.log_every=2", "train.checkpoint_every=4", "eval.every=4",
+              "schedule.warmup_steps=2"] if args.short else [])
+    # the user's overrides come last, so they win
+    overrides = [f"head.num_classes={identities}", f"train.output_dir={out}"] + short \
+        + args.overrides
+    port = ["--master_port", str(args.master_port)] if args.master_port else []
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           os.path.join("launch", "train.py"), "--config",
+           *port, os.path.join("launch", "train.py"), "--config",
            os.path.join("launch", "configs", "quickstart.yaml"),
            "--deepspeed_config", args.deepspeed_config, f"data.urls={data}",
-           f"eval.bins={pairs}"] + args.overrides
+           f"eval.bins={pairs}"] + overrides
     print(" ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     started = time.time()
@@ -67,7 +85,7 @@ def main(argv=None):
     from hybrid_fc.config import load_config
     from hybrid_fc.metrics import read_metrics
     out = load_config(os.path.join("launch", "configs", "quickstart.yaml"),
-                      [o for o in args.overrides if o.startswith("train.output_dir=")]
+                      [o for o in overrides if o.startswith("train.output_dir=")]
                       ).train.output_dir
     losses = [(r["step"], r["loss"]) for r in read_metrics(out, "train")
               if r["time"] >= started]

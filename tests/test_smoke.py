@@ -1,0 +1,144 @@
+"""Smoke runs of the README's commands and the benchmark scripts at toy sizes, as people run
+them (fresh processes, the real launchers), so that none of them can rot unnoticed:
+
+* launch/quickstart.py --short (which starts launch/train.py under `deepspeed --num_gpus 2`),
+* launch/export.py (plain python) on its checkpoint, launch/extract.py under
+  `torchrun --nproc_per_node 2` on the exported backbone, launch/eval.py (plain python; under
+  the deepspeed launcher in tests/test_export.py),
+* benchmarks/head_bench.py, benchmarks/data_bench.py (local disk and a local S3 server) and
+  benchmarks/learning_check.py with flags for a tiny shape.
+
+Each asserts what the script promises to write or print, not only its exit status.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import deepspeed  # noqa: F401  (conftest then builds DeepSpeed's JIT op once, up front)
+import numpy as np
+import pytest
+
+from test_engine_support import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _run(args, cwd, timeout=300):
+    out = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    return out.stdout, text
+
+
+def _last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The README's main job at toy size: 32 identities x 8 images, 8 steps on 2 ranks."""
+    out = tmp_path_factory.mktemp("quickstart")
+    stdout, text = _run([sys.executable, os.path.join(ROOT, "launch", "quickstart.py"),
+                         "--short", "--out", str(out), "--master_port", str(free_port())],
+                        cwd=out)
+    return out, stdout
+
+
+def test_quickstart_short_trains_verifies_and_checkpoints(quickstart):
+    out, stdout = quickstart
+    assert "hybrid_fc: 2 ranks" in stdout and "fresh start" in stdout
+    assert "loss " in stdout and "over steps 2..8" in stdout      # its own "did the loss fall"
+    from hybrid_fc.metrics import read_metrics
+    train = read_metrics(str(out), "train")
+    assert [r["step"] for r in train] == [2, 4, 6, 8] and train[-1]["loss"] < train[0]["loss"]
+    verify = read_metrics(str(out), "verify")
+    assert [r["step"] for r in verify] == [4, 8] and verify[0]["set"] == "heldout_pairs"
+    assert (out / "latest").read_text() == "global_step8"
+    assert sorted(os.listdir(out / "global_step8" / "hybrid")) == [
+        "backbone.pt", "head-rank00000.pt", "head-rank00001.pt", "meta.json"]
+
+
+def test_export_extract_eval_command_lines(quickstart, tmp_path):
+    """export.py (plain python) -> extract.py under torchrun on 2 ranks -> eval.py (plain
+    python), on the quickstart's checkpoint; eval's accuracy is the training run's own final
+    verification (the same model and pairs)."""
+    run, _ = quickstart
+    exp = tmp_path / "exported"
+    stdout, _ = _run([sys.executable, os.path.join(ROOT, "launch", "export.py"),
+                      "--checkpoint", str(run), "--out", str(exp), "--onnx", "--centers"],
+                     cwd=tmp_path)
+    written = json.loads(stdout[stdout.index("{"):])
+    assert set(written) == {"state_dict", "onnx", "centers"}
+    assert "onnx: max |onnxruntime - torch|" in stdout
+    centers = np.load(exp / "centers.npy")
+    assert centers.shape == (32, 64) and np.isfinite(centers).all()
+
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(free_port()), os.path.join(ROOT, "launch", "extract.py"),
+          "--checkpoint", str(exp / "backbone.pt"), "--images", str(run / "data"),
+          "--out", str(tmp_path / "gallery.npy")], cwd=tmp_path)
+    emb = np.load(tmp_path / "gallery.npy")
+    keys = (tmp_path / "gallery.keys.txt").read_text().split()
+    labels = np.load(tmp_path / "gallery.labels.npy")
+    assert emb.shape == (256, 64) and len(set(keys)) == len(keys) == 256
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert sorted(np.bincount(labels, minlength=32)) == [8] * 32
+
+    stdout, _ = _run([sys.executable, os.path.join(ROOT, "launch", "eval.py"),
+                      "--checkpoint", str(run), "--pairs", str(run / "heldout_pairs.bin"),
+                      "--json", str(tmp_path / "r.json")], cwd=tmp_path)
+    (result,) = json.loads((tmp_path / "r.json").read_text())
+    from hybrid_fc.metrics import read_metrics
+    final = read_metrics(str(run), "verify")[-1]
+    assert result["name"] == "heldout_pairs" and result["num_pairs"] == 40
+    assert result["accuracy"] == final["accuracy"] and result["threshold"] == final["threshold"]
+    assert f"{100 * result['accuracy']:.2f}" in stdout
+
+
+def test_head_bench_tiny(tmp_path):
+    stdout, _ = _run([sys.executable, os.path.join(ROOT, "benchmarks", "head_bench.py"),
+                      "--classes", "2000", "--dim", "16", "--batch", "8", "--sample-rate",
+                      "0.5", "--world-size", "1", "--steps", "1", "--warmup", "1"], cwd=tmp_path)
+    r = _last_json(stdout)
+    assert (r["classes"], r["dim"], r["world_size"]) == (2000, 16, 1)
+    for key in ("head_ms", "gemm_limit_ms", "baseline_ms", "peak_rss_gb", "planned_head_bytes"):
+        assert r[key] > 0, key
+
+
+def test_data_bench_tiny(tmp_path):
+    """64 images, one pass, local disk and the local S3 server (moto, a test extra)."""
+    stdout, _ = _run([sys.executable, os.path.join(ROOT, "benchmarks", "data_bench.py"),
+                      "--images", "64", "--batch", "16", "--passes", "1", "--shuffle-buffer",
+                      "16", "--min-seconds", "0.05", "--data", str(tmp_path / "d")],
+                     cwd=tmp_path)
+    r = _last_json(stdout)
+    assert r["images"] == 64
+    for key in ("decode_simplejpeg_per_core", "decode_pil_per_core", "loader_local_per_core",
+                "loader_s3_per_core"):
+        assert r[key] > 0, key
+
+
+def test_learning_check_tiny(tmp_path):
+    """One run through the deepspeed launcher (1 rank, 2 steps), its evaluation, the untrained
+    reference, the plot and the JSON."""
+    out = tmp_path / "lc"
+    stdout, _ = _run([sys.executable, os.path.join(ROOT, "benchmarks", "learning_check.py"),
+                      "schedule.warmup_steps=0", "--out", str(out), "--png",
+                      str(out / "curves.png"), "--identities", "16", "--images", "4",
+                      "--heldout", "8", "--pairs", "20", "--size", "16", "--steps", "2",
+                      "--eval-every", "2", "--ranks", "1", "--master-port", str(free_port()),
+                      "--runs", "r0.5:head.sample_rate=0.5"], cwd=tmp_path)
+    assert "| untrained backbone |" in stdout and "| r0.5 |" in stdout
+    assert (out / "curves.png").stat().st_size > 1000
+    result = json.loads((out / "learning_check.json").read_text())
+    assert list(result["runs"]) == ["r0.5"] and result["accuracy_curves"]["r0.5"][0][0] == 2
+    assert 0 <= result["runs"]["r0.5"]["accuracy"] <= 1

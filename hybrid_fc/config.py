@@ -236,8 +236,8 @@ class TrainConfig:
     """Write TensorBoard scalars to output_dir/tb when tensorboard is installed."""
     trust_checkpoint: bool = False
     """Resume at the same size through DeepSpeed's own checkpoint loader, which unpickles its
-    files (a crafted checkpoint could run code); only fp16 or bf16 without ZeRO needs it. By default
-    every file is read as data only (hybrid/backbone.pt and the head shards)."""
+    files (a crafted checkpoint could run code); only fp16 or bf16 without ZeRO needs it. By
+    default every file is read as data only (hybrid/backbone.pt and the head shards)."""
     memory_check: bool = True
     """Plan every rank's memory before building anything (hybrid_fc.plan, as launch/plan.py)
     and refuse a run that will not fit, printing the plan and the setting to change."""

@@ -34,18 +34,30 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_world(world_size, fn, *args, timeout=180):
+def run_world(world_size, fn, *args, timeout=180, fresh_env=None):
     """fn(rank, world_size, *args) on `world_size` gloo ranks; returns results in rank order.
 
     fn must be a module-level function; its result is pickled back through a queue.
+    fresh_env: start the ranks as fresh interpreters (spawn, ~2 s more) with these extra
+    environment variables, for state that is fixed at import time (TRITON_INTERPRET: an earlier
+    test may have imported triton in compiled mode, which a forked rank would inherit).
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("fork" if fresh_env is None else "spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in fresh_env or {}}
+    os.environ.update(fresh_env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results, errors = {}, []
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     while len(results) + len(errors) < world_size:

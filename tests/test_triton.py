@@ -1,10 +1,11 @@
 """The Triton backend of PartialFC, run by Triton's CPU interpreter (TRITON_INTERPRET=1), against
 the torch backend and the dense float64 reference on 1-3 gloo ranks.
 
-TRITON_INTERPRET is read when a kernel is decorated, i.e. when hybrid_fc.kernels.triton_ce is
-imported. It is set only inside the forked ranks (run_world), which (re)import the module under
-it: the pytest process itself never sets it, so other tests neither see it nor depend on
-whether the kernel module was imported before. Shapes are tiny (the interpreter runs Python per
+TRITON_INTERPRET is read when a kernel is decorated, i.e. when hybrid_fc.kernels.triton_ce (or
+triton.language's own helpers, when triton itself) is imported. The ranks are fresh interpreters
+started with it set (run_world below): the pytest process itself never sets it, so other tests
+neither see it nor depend on whether triton was imported before (torch._dynamo imports it in
+compiled mode, and a forked rank would inherit that). Shapes are tiny (the interpreter runs Python per
 program instance) and the tiles are 16 wide so that they still split into several blocks.
 """
 import importlib
@@ -19,7 +20,12 @@ from hybrid_fc import ArcFace, CombinedMarginLoss, CosFace, PartialFC
 from hybrid_fc import kernels
 from hybrid_fc.collectives import all_gather_varlen
 from hybrid_fc.head import init_class_centers
-from tests._dist import run_world
+from tests._dist import run_world as _run_world
+
+
+def run_world(*args, **kw):
+    """Fresh interpreters with TRITON_INTERPRET=1 set before triton is imported."""
+    return _run_world(*args, fresh_env={"TRITON_INTERPRET": "1"}, **kw)
 from tests.reference import dense_margin_ce
 
 # 37 classes: uneven over 2 and 3 ranks, and 3 column blocks of 16 (the last ragged) on one.

@@ -1,0 +1,128 @@
+"""A run killed with SIGKILL at random moments (start-up, mid-step, mid-checkpoint) and started
+again with the same command, through the real `deepspeed` launcher at the same number of ranks,
+ends with a model bit-identical to the uninterrupted run's."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from hybrid_fc.data import make_synthetic
+    out = tmp_path_factory.mktemp("kill_data") / "syn"
+    make_synthetic(str(out), 24, 12, size=16, seed=5, samples_per_shard=60)
+    return str(out)
+
+
+def _command(tmp_path, shards, out, port):
+    ds = {"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 1,
+          "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+          "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**9}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    return LAUNCHER + [
+        "--num_gpus", "2", "--master_port", str(port), os.path.join(ROOT, "launch", "train.py"),
+        "--config", os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
+        "--deepspeed_config", str(tmp_path / "ds.json"), "model.input_size=16",
+        "head.num_classes=24", "head.sample_rate=0.5", f"data.urls={shards}",
+        "data.num_workers=1", "data.shuffle_buffer=30", "train.steps=8", "train.log_every=1",
+        "train.checkpoint_every=2", "schedule.warmup_steps=2", "train.tensorboard=false",
+        "train.memory_check=false", f"train.output_dir={out}"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _tensors(path):
+    from hybrid_fc.checkpoint import load_file
+    out = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if k != "client_state":
+                    walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif torch.is_tensor(x):
+            out.append(x)
+    walk(load_file(path))
+    return out
+
+
+def _clear_shm(ports):
+    if os.path.isdir("/dev/shm"):  # a rank killed before it unlinked its all-reduce buffer
+        for name in os.listdir("/dev/shm"):
+            if name.startswith("deepspeed_allreduce_buffer") and name.split("_")[-2] in ports:
+                os.remove(os.path.join("/dev/shm", name))
+
+
+def test_sigkill_at_random_moments_then_the_same_command_is_bit_exact(tmp_path, shards):
+    from test_launch import _free_port
+    seed = int(os.environ.get("HYBRID_FC_KILL_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
+    ports = []
+
+    def start(out):
+        ports.append(str(_free_port()))
+        return subprocess.Popen(_command(tmp_path, shards, out, ports[-1]), cwd=tmp_path,
+                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        straight = start(str(tmp_path / "straight"))
+        log = straight.communicate(timeout=300)[0]
+        assert straight.returncode == 0, log[-3000:]
+        duration = time.time() - t0
+        killed, kills = str(tmp_path / "killed"), []
+        metrics = os.path.join(killed, "metrics.jsonl")
+        # kill 1: any moment of a run (start-up most likely); kill 2: while it trains, a random
+        # instant after a random step (mid-step or mid-checkpoint: one is saved every 2 steps)
+        for phase in ("any", "training"):
+            p = start(killed)
+            seen = open(metrics).read().count("\n") if os.path.exists(metrics) else 0
+            after, deadline, what = rng.randint(2, 6), None, None
+            if phase == "any":
+                delay = rng.uniform(0.5, duration)
+                deadline, what = time.time() + delay, f"{delay:.1f} s after launch"
+            while p.poll() is None:
+                if deadline is None and os.path.exists(metrics):
+                    rows = [json.loads(r) for r in open(metrics).read().splitlines()[seen:]
+                            if r.strip()]
+                    if any(r.get("kind") == "train" and r["step"] >= after for r in rows):
+                        extra = rng.uniform(0.0, 0.5)
+                        deadline, what = time.time() + extra, f"{extra:.2f} s after step {after}"
+                if deadline is not None and time.time() >= deadline:
+                    os.killpg(p.pid, signal.SIGKILL)  # the launcher and both ranks at once
+                    kills.append(what)
+                    break
+                time.sleep(0.02)
+            p.wait()
+        final = start(killed)
+        log = final.communicate(timeout=300)[0]
+        why = f"seed {seed} (HYBRID_FC_KILL_SEED), kills: {kills}"
+        assert final.returncode == 0, why + "\n" + log[-3000:]
+        for name in ("backbone.pt", "head-rank00000.pt", "head-rank00001.pt"):
+            a = _tensors(os.path.join(tmp_path, "straight", "global_step8", "hybrid", name))
+            b = _tensors(os.path.join(killed, "global_step8", "hybrid", name))
+            assert len(a) == len(b) > 0, (name, why)
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), (name, why)
+        leftovers = [n for _, _, names in os.walk(killed) for n in names if ".tmp." in n]
+        assert leftovers == [], why
+    finally:
+        _clear_shm(ports)

@@ -25,20 +25,24 @@ saved values. Every file is read as data only (`load_file`: torch.load(weights_o
 a crafted checkpoint cannot run code. DeepSpeed's own files (its loader unpickles them) are
 read only when the caller says it trusts them (trust_deepspeed_files=True, same size only).
 """
+import glob
 import hashlib
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "load_file", "prune_checkpoints",
-           "remove_stale_temps", "CheckpointError", "CheckpointMismatch"]
+           "remove_stale_temps", "resolve_checkpoint", "read_meta", "model_config",
+           "backbone_file", "head_shard_file", "CheckpointError", "CheckpointMismatch"]
 
 FORMAT = 1
 _META = "meta.json"
 _BACKBONE = "backbone.pt"
+_HYBRID = "hybrid"
+_LATEST = "latest"
 
 
 class CheckpointError(ValueError):
@@ -71,6 +75,54 @@ def load_file(path: str, mmap: bool = False) -> Any:
 
 def _head_file(rank: int) -> str:
     return f"head-rank{rank:05d}.pt"
+
+
+def backbone_file(save_dir: str, tag: str) -> str:
+    """Path of a checkpoint's portable backbone state (hybrid/backbone.pt)."""
+    return os.path.join(save_dir, tag, _HYBRID, _BACKBONE)
+
+
+def head_shard_file(save_dir: str, tag: str, rank: int) -> str:
+    """Path of head rank `rank`'s shard of a checkpoint."""
+    return os.path.join(save_dir, tag, _HYBRID, _head_file(rank))
+
+
+_MODEL_KEYS = ("backbone", "embedding_size", "input_size", "backbone_kwargs")
+
+
+# -- locating a checkpoint (export, eval and extract read through these) -------------------------------------------------------------------
+def _is_tag_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, _HYBRID)) or bool(
+        glob.glob(os.path.join(path, "*model_states.pt")))
+
+
+def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
+    """(save_dir, tag) from a run folder (with `latest`), a run folder + tag, or a tag folder."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a folder")
+    if tag is None and not os.path.isfile(os.path.join(path, _LATEST)) and _is_tag_dir(path):
+        path = os.path.abspath(path)
+        return os.path.dirname(path), os.path.basename(path)
+    if tag is None:
+        tag = latest_tag(path)
+        if tag is None:
+            raise CheckpointError(f"checkpoint {path!r}: no `latest` file and not a checkpoint "
+                                  "tag folder (expected TAG/hybrid/ or DeepSpeed "
+                                  "*_model_states.pt files)")
+    if not os.path.isdir(os.path.join(path, tag)):
+        raise CheckpointError(f"checkpoint {path!r}: tag folder {tag!r} does not exist")
+    return path, tag
+
+
+def model_config(save_dir: str, client_state: Optional[dict]) -> Optional[Dict[str, Any]]:
+    """The model section of the experiment config saved with the checkpoint, else the run's
+    config.json (launch/train.py writes both), else None."""
+    model = ((client_state or {}).get("experiment") or {}).get("model")
+    cfg_path = os.path.join(save_dir, "config.json")
+    if not model and os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            model = (json.load(f).get("experiment") or {}).get("model")
+    return {k: model[k] for k in _MODEL_KEYS if k in model} if model else None
 
 
 # -- small file utilities ----------------------------------------------------------------------
@@ -119,7 +171,7 @@ def remove_stale_temps(save_dir: str) -> List[str]:
     removed = []
     if not os.path.isdir(save_dir):
         return removed
-    folders = [save_dir] + [os.path.join(save_dir, t, "hybrid") for t in os.listdir(save_dir)]
+    folders = [save_dir] + [os.path.join(save_dir, t, _HYBRID) for t in os.listdir(save_dir)]
     for folder in folders:
         if not os.path.isdir(folder):
             continue
@@ -135,7 +187,7 @@ def remove_stale_temps(save_dir: str) -> List[str]:
 
 def latest_tag(load_dir: str) -> Optional[str]:
     """The tag named by `load_dir/latest`, or None when there is no complete checkpoint."""
-    path = os.path.join(load_dir, "latest")
+    path = os.path.join(load_dir, _LATEST)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -468,7 +520,7 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     engine, head = hybrid.engine, hybrid.head
     tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
     folder = os.path.join(save_dir, tag)
-    hfolder = os.path.join(folder, "hybrid")
+    hfolder = os.path.join(folder, _HYBRID)
     rank = _global_rank()
     hybrid.sync_buffers()            # collective: one set of BatchNorm statistics is saved
     bstate = backbone_state(engine)                                    # collective
@@ -521,7 +573,7 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     agree_on_error(error)                             # every rank's files are complete
     if rank == 0:
         try:
-            _atomic_write_text(tag, os.path.join(save_dir, "latest"))
+            _atomic_write_text(tag, os.path.join(save_dir, _LATEST))
         except CheckpointError as exc:
             error = exc
     agree_on_error(error)
@@ -540,7 +592,7 @@ def prune_checkpoints(save_dir: str, keep_last: int) -> List[str]:
     latest = latest_tag(save_dir)
     complete = []
     for name in os.listdir(save_dir):
-        meta = os.path.join(save_dir, name, "hybrid", _META)
+        meta = os.path.join(save_dir, name, _HYBRID, _META)
         if not os.path.isfile(meta):
             continue
         try:
@@ -565,7 +617,7 @@ def _ranges(head):
 
 
 def read_meta(load_dir: str, tag: str) -> Dict[str, Any]:
-    path = os.path.join(load_dir, tag, "hybrid", _META)
+    path = os.path.join(load_dir, tag, _HYBRID, _META)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: {os.path.join(load_dir, tag)} is not a "
                                 "complete hybrid_fc checkpoint")
@@ -599,7 +651,7 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
         if meta[field] != mine:
             raise CheckpointMismatch(f"{field}: the checkpoint {os.path.join(load_dir, tag)} "
                                      f"has {field}={meta[field]} but the head has {mine}")
-    folder = os.path.join(load_dir, tag, "hybrid")
+    folder = os.path.join(load_dir, tag, _HYBRID)
     same_size = meta["dp_world_size"] == engine.dp_world_size
     if not (trust_deepspeed_files and same_size):
         bstate = load_file(os.path.join(folder, _BACKBONE))

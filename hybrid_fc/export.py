@@ -34,55 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_file
+from .checkpoint import (CheckpointError, backbone_file, head_shard_file, load_file,
+                         model_config, read_meta, resolve_checkpoint)
 
 __all__ = ["CheckpointError", "OnnxExportError", "resolve_checkpoint", "load_backbone_weights",
            "load_backbone", "load_for_inference", "save_backbone", "export_class_centers", "export_onnx",
            "check_onnx"]
 
-_MODEL_KEYS = ("backbone", "embedding_size", "input_size", "backbone_kwargs")
-
-
 class OnnxExportError(RuntimeError):
     """The backbone cannot be exported to ONNX with a dynamic batch, or the file disagrees
     with PyTorch."""
-
-
-# -- locating a checkpoint -------------------------------------------------------------------
-def _is_tag_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "hybrid")) or bool(
-        glob.glob(os.path.join(path, "*model_states.pt")))
-
-
-def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
-    """(save_dir, tag) from a run folder (with `latest`), a run folder + tag, or a tag folder."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is not a folder")
-    if tag is None and not os.path.isfile(os.path.join(path, "latest")) and _is_tag_dir(path):
-        path = os.path.abspath(path)
-        return os.path.dirname(path), os.path.basename(path)
-    if tag is None:
-        latest = os.path.join(path, "latest")
-        if not os.path.isfile(latest):
-            raise CheckpointError(f"checkpoint {path!r}: no `latest` file and not a checkpoint "
-                                  "tag folder (expected TAG/hybrid/ or DeepSpeed "
-                                  "*_model_states.pt files)")
-        with open(latest) as f:
-            tag = f.read().strip()
-    if not os.path.isdir(os.path.join(path, tag)):
-        raise CheckpointError(f"checkpoint {path!r}: tag folder {tag!r} does not exist")
-    return path, tag
-
-
-def _model_config(save_dir: str, client_state: Optional[dict]) -> Optional[Dict[str, Any]]:
-    """The model section of the experiment config saved with the checkpoint, else the run's
-    config.json (launch/train.py writes both), else None."""
-    model = ((client_state or {}).get("experiment") or {}).get("model")
-    cfg_path = os.path.join(save_dir, "config.json")
-    if not model and os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            model = (json.load(f).get("experiment") or {}).get("model")
-    return {k: model[k] for k in _MODEL_KEYS if k in model} if model else None
 
 
 def _fp32(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -102,7 +63,7 @@ def load_backbone_weights(path: str, tag: Optional[str] = None, trust_checkpoint
     holds no backbone."""
     save_dir, tag = resolve_checkpoint(path, tag)
     folder = os.path.join(save_dir, tag)
-    portable = os.path.join(folder, "hybrid", "backbone.pt")
+    portable = backbone_file(save_dir, tag)
     if os.path.isfile(portable):
         state = load_file(portable)
         params = state.get("params") if isinstance(state, dict) else None
@@ -111,7 +72,7 @@ def load_backbone_weights(path: str, tag: Optional[str] = None, trust_checkpoint
                                   "'params' (not written by hybrid_fc.checkpoint?)")
         sd = dict(params)
         sd.update(state.get("buffers") or {})
-        return _fp32(sd), _model_config(save_dir, state.get("client_state")), portable
+        return _fp32(sd), model_config(save_dir, state.get("client_state")), portable
     states = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
     if states and not trust_checkpoint:
         raise CheckpointError(f"{folder} has no hybrid/backbone.pt, only DeepSpeed's own files, "
@@ -127,7 +88,7 @@ def load_backbone_weights(path: str, tag: Optional[str] = None, trust_checkpoint
         if not sd:
             raise CheckpointError(f"checkpoint without a backbone: {folder}'s DeepSpeed files "
                                   "hold no model parameters")
-        return _fp32(sd), _model_config(save_dir, client), states[0]
+        return _fp32(sd), model_config(save_dir, client), states[0]
     raise CheckpointError(f"checkpoint without a backbone: {folder} has neither "
                           "hybrid/backbone.pt nor DeepSpeed *_model_states.pt files")
 
@@ -243,13 +204,12 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
     (head.weight_dtype=bfloat16) are widened to fp32 exactly; `report` (e.g. print) is told the
     stored dtype when it is not fp32."""
     save_dir, tag = resolve_checkpoint(path, tag)
-    hdir = os.path.join(save_dir, tag, "hybrid")
-    meta_path = os.path.join(hdir, "meta.json")
-    if not os.path.isfile(meta_path):
+    hdir = os.path.dirname(backbone_file(save_dir, tag))
+    try:
+        meta = read_meta(save_dir, tag)
+    except FileNotFoundError:
         raise CheckpointError(f"{os.path.join(save_dir, tag)} has no hybrid/meta.json: not a "
-                              "hybrid_fc checkpoint, so it holds no head shards")
-    with open(meta_path) as f:
-        meta = json.load(f)
+                              "hybrid_fc checkpoint, so it holds no head shards") from None
     C, D = int(meta["num_classes"]), int(meta["embedding_size"])
     if out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -258,7 +218,7 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
         centers = np.empty((C, D), np.float32)
     covered, stored = 0, set()
     for r, (start, n) in enumerate(meta["class_ranges"]):
-        shard_path = os.path.join(hdir, f"head-rank{r:05d}.pt")
+        shard_path = head_shard_file(save_dir, tag, r)
         if not os.path.isfile(shard_path):
             raise CheckpointError(f"{shard_path} is missing (meta.json lists "
                                   f"{len(meta['class_ranges'])} head shards)")

@@ -106,16 +106,36 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _input_error(exc: BaseException) -> bool:
+    """An error about the run's input (a config field, a file, a shard, memory that will not
+    suffice, a diverged loss), whose message says what to change: shown without a traceback."""
+    mine = type(exc).__module__.startswith("hybrid_fc")
+    return mine or isinstance(exc, (ValueError, FileNotFoundError, MemoryError,
+                                    FloatingPointError))
+
+
 def run_script(main, argv=None) -> int:
-    """A launch script's entry: main(argv), then the process group's clean end. A rank that
-    stops because another failed (RankFailed) prints one line instead of a second traceback;
-    the failing rank's own traceback is the one to read. Returns the exit status."""
+    """A launch script's entry: main(argv), then the process group's clean end; returns the
+    exit status. Logs stay readable on N ranks: a rank that stops because another failed
+    (RankFailed) prints one line naming that rank; an input error (a bad config field, file,
+    shard...) prints its message as one line per rank that raised it; anything else is a bug
+    and keeps its traceback. `--verbose` (or HYBRID_FC_TRACEBACK=1) shows every traceback."""
     from .collectives import RankFailed
+    verbose = "--verbose" in sys.argv[1:] or os.environ.get("HYBRID_FC_TRACEBACK") == "1"
+    rank = os.environ.get("RANK")
+    where = f" (rank {rank})" if rank is not None else ""
     try:
         main(argv)
     except RankFailed as exc:
-        rank = os.environ.get("RANK", "?")
-        print(f"hybrid_fc: rank {rank} stopping: {exc}", file=sys.stderr, flush=True)
+        if verbose:
+            raise
+        print(f"hybrid_fc{where}: stopping: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is an input error
+        if verbose or not _input_error(exc):
+            raise
+        print(f"hybrid_fc{where}: error: {type(exc).__name__}: {exc}\n(HYBRID_FC_TRACEBACK=1 "
+              "or --verbose shows the traceback)", file=sys.stderr, flush=True)
         return 1
     finish_distributed()
     return 0

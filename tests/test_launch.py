@@ -280,3 +280,40 @@ def test_brace_pattern_sources_need_and_use_samples_per_epoch(dataset):
     for name in os.listdir(os.path.join(ROOT, "launch", "configs")):
         cfg = load_config(os.path.join(ROOT, "launch", "configs", name))
         assert "{" not in cfg.data.urls or cfg.data.samples_per_epoch > 0, name
+
+
+def test_a_config_error_is_one_line_per_rank_not_a_traceback(tmp_path):
+    """Under the deepspeed launcher a bad field is printed as one line naming it by each rank
+    (it was a full traceback from every rank); --verbose brings the traceback back."""
+    cmd = LAUNCHER + ["--num_gpus", "2", "--master_port", str(_free_port()),
+                      os.path.join(ROOT, "launch", "train.py"), "--config",
+                      os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
+                      "--deepspeed_config", os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"),
+                      "train.steps=4", f"train.output_dir={tmp_path / 'run'}"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if "schedule.warmup_steps" in ln]
+    assert sorted(lines) == [f"hybrid_fc (rank {k}): error: ValueError: schedule.warmup_steps: "
+                             "must be <= train.steps (4), got 20" for k in (0, 1)], r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["--verbose"], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_run_script_keeps_tracebacks_of_bugs_and_one_line_for_peers(capsys, monkeypatch):
+    from hybrid_fc.collectives import RankFailed
+    from hybrid_fc.engine import run_script
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("HYBRID_FC_TRACEBACK", raising=False)
+
+    def peer(argv):
+        raise RankFailed("rank 1 failed: ShardError: shard x.tar ...")
+    assert run_script(peer) == 1
+    assert capsys.readouterr().err == ("hybrid_fc (rank 3): stopping: rank 1 failed: ShardError: "
+                                       "shard x.tar ...\n")
+
+    def bug(argv):
+        raise RuntimeError("an index went wrong")
+    with pytest.raises(RuntimeError, match="an index went wrong"):
+        run_script(bug)

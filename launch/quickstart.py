@@ -12,7 +12,8 @@ runs/quickstart/data with hybrid_fc.data.make_synthetic, then runs exactly
 (300 steps, a batch of 32 per rank, a tiny IResNet, ArcFace Partial FC at sample rate 0.5),
 prints the loss every 25 steps, verification accuracy on 600 pairs of 200 held-out identities
 (runs/quickstart/heldout_pairs.bin, insightface .bin format) every 100 steps and at the end,
-checkpoints to runs/quickstart, and fails unless the loss fell.
+checkpoints to runs/quickstart, and fails unless the loss fell. On a 2-core CPU VM it took 56 s:
+held-out accuracy 89.7% at step 100, 96.5% at 200, 97.0% at 300 (an untrained backbone: 57%).
 Run it again and it resumes from the last checkpoint (train.steps=600 continues training).
 
     python launch/quickstart.py --short --out /tmp/qs   # the same job at toy size (~30 s on

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks", "rank_memory_bytes",
-           "release_shm_buffers", "finish_distributed", "run_script"]
+           "release_shm_buffers", "finish_distributed", "run_script", "standalone_defaults"]
 
 
 def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> List[str]:
@@ -93,6 +93,24 @@ def release_shm_buffers() -> Optional[str]:
     except (FileNotFoundError, PermissionError):
         return None
     return name
+
+
+def standalone_defaults() -> bool:
+    """`python launch/train.py` without a launcher: make this process a world of one (RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, a free MASTER_PORT) so that deepspeed.init_distributed
+    does not go looking for MPI (mpi4py). Returns True when it did; under deepspeed, torchrun or
+    mpirun (their variables present) it changes nothing."""
+    if any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")) or (
+            dist.is_available() and dist.is_initialized()):
+        return False
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    return True
 
 
 def finish_distributed() -> None:

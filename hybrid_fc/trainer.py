@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any, Dict
 
 import torch
@@ -248,6 +249,10 @@ def quiet_logs(rank: int, verbose: bool = False) -> None:
                         format="%(asctime)s %(name)s: %(message)s")
     if verbose:
         return
+    # DeepSpeed calls torch's all_gather_into_tensor, which torch 2.13 deprecates: one
+    # FutureWarning per rank per run that the user can do nothing about
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
     for name in ("DeepSpeed", "deepspeed", "botocore", "aiobotocore", "s3fs", "fsspec",
                  "urllib3", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -280,7 +285,7 @@ class Trainer:
         from .checkpoint import load_checkpoint, remove_stale_temps
         from .config import config_to_dict
         from .engine import (HybridEngine, WarmupDecay, clear_stale_build_locks,
-                             release_shm_buffers)
+                             release_shm_buffers, standalone_defaults)
         from .head import PartialFC
 
         self.cfg, self.ds_config = cfg, ds_config
@@ -292,6 +297,7 @@ class Trainer:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank == 0:  # a killed run's build lock hangs start-up
             clear_stale_build_locks()
+        standalone_defaults()  # plain `python launch/train.py`: one process, no launcher
         deepspeed.init_distributed()
         release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run
         self.rank, self.world_size = rank, world_size = dist.get_rank(), dist.get_world_size()

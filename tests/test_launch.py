@@ -317,3 +317,29 @@ def test_run_script_keeps_tracebacks_of_bugs_and_one_line_for_peers(capsys, monk
         raise RuntimeError("an index went wrong")
     with pytest.raises(RuntimeError, match="an index went wrong"):
         run_script(bug)
+
+
+def test_train_py_under_plain_python_and_torchrun(tmp_path, dataset):
+    """launch/train.py without a launcher (one process: it used to fail looking for mpi4py)
+    and under torchrun (2 ranks): both train, checkpoint, and print no per-rank deprecation
+    warnings from DeepSpeed's collectives."""
+    from hybrid_fc.metrics import read_metrics
+    args = [os.path.join(ROOT, "launch", "train.py"), "--config",
+            os.path.join(ROOT, "launch", "configs", "quickstart.yaml"), "--deepspeed_config",
+            os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"), "model.input_size=16",
+            "head.num_classes=24", f"data.urls={dataset}", "data.num_workers=0",
+            "train.steps=2", "train.log_every=1", "schedule.warmup_steps=0", "eval.bins=[]"]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                        "MASTER_ADDR", "MASTER_PORT")}
+    for name, prefix, world in (
+            ("python", [sys.executable], 1),
+            ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_free_port())], 2)):
+        out = tmp_path / name
+        r = subprocess.run(prefix + args + [f"train.output_dir={out}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (name, (r.stdout + r.stderr)[-3000:])
+        assert "FutureWarning" not in r.stderr, (name, r.stderr[-2000:])
+        assert [(s["world_size"], s["step"]) for s in read_metrics(str(out), "start")] == \
+            [(world, 0)], name
+        assert (out / "latest").read_text() == "global_step2", name

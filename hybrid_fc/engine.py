@@ -40,8 +40,8 @@ def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> Li
     `lock` file in the op's build folder and waits, silently and without end, while it exists.
     A process killed during the build or the load (Ctrl-C at start-up, a job timeout) leaves the
     file behind, and every later run on that machine hangs at start-up. A build takes minutes,
-    not half an hour, so an older lock has no live owner. Younger locks are only reported
-    (another run may be building right now). Scans TORCH_EXTENSIONS_DIR, else torch's default
+    not half an hour, so an older lock has no live owner. A younger lock may be another run
+    building right now: left alone, and mentioned only when it is over 2 minutes old. Scans TORCH_EXTENSIONS_DIR, else torch's default
     root (~/.cache/torch_extensions). Call it from one process per machine (local rank 0)
     before DeepSpeed starts, so that two ranks never remove a lock the other just took."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -65,9 +65,10 @@ def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> Li
             removed.append(lock)
             print_fn(f"hybrid_fc: removed a stale build lock {lock} ({age / 60:.0f} min old; "
                      "its process died while building or loading a DeepSpeed op)")
-        else:
-            print_fn(f"hybrid_fc: build lock {lock} is {age:.0f} s old: DeepSpeed will wait for "
-                     "it; if no other process is building that op, delete the file")
+        elif age > 120:  # a build takes ~1 min here: say what the wait is, not what to delete
+            print_fn(f"hybrid_fc: waiting for a DeepSpeed op build that started {age:.0f} s ago "
+                     f"(lock {lock}); a lock older than {stale_after_s / 60:.0f} min is "
+                     "removed as stale at the next start")
     return removed
 
 

@@ -94,6 +94,8 @@ def start_s3(directory):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None,
+                   help="also write the result (one JSON object) to this file")
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (rate / workers)")
     p.add_argument("--batch", type=int, default=128)
@@ -147,6 +149,9 @@ def main():
             server.terminate()
             server.wait()
     print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

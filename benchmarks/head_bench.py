@@ -250,6 +250,8 @@ def _phase(phase, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None,
+                    help="also write the result (one JSON object) to this file")
     ap.add_argument("--classes", type=int, default=400_000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128, help="per rank")
@@ -325,6 +327,9 @@ def main(argv=None):
         result["baseline_peak_rss_gb"] = round(max(o["peak_gb"] for o in base), 3)
         result["baseline_bytes_per_element"] = round(result["baseline_peak_rss_gb"] * 1e9 / elems, 2)
     print(json.dumps(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ with --model module:factory for a backbone outside the registry), exported/backb
 `images` (batch, 3, S, S) normalized as in training, output `embeddings` (batch, D); checked
 with onnxruntime at batch sizes 1 and 3 against PyTorch, normalized embeddings within 1e-4) and
 exported/centers.npy (the (C, D) fp32 class centers of all head shards, by class id).
-Works for checkpoints of any ZeRO stage and any number of ranks; one CPU process is enough.
+Works for checkpoints of any ZeRO stage and any number of ranks; one CPU process is enough
+(under `deepspeed` or `torchrun` rank 0 does the work and the other ranks exit).
 """
 import argparse
 import json
@@ -32,6 +33,8 @@ def parse_args(argv=None):
                         "PYTHONPATH)")
     p.add_argument("--embedding-size", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write what was written (paths) here")
+    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow reading DeepSpeed's own checkpoint files when there is no "
                         "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
@@ -40,6 +43,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}  # under a launcher: one process is enough, rank 0 writes, the others wait
     from hybrid_fc.export import export_class_centers, export_onnx, load_backbone, save_backbone
     overrides = dict(model=args.model, backbone=args.backbone,
                      embedding_size=args.embedding_size, input_size=args.input_size)
@@ -60,6 +65,9 @@ def main(argv=None):
                                                   os.path.join(args.out, "centers.npy"), args.tag,
                                                   report=lambda s: print(s, flush=True))
     print(json.dumps(written, indent=1), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(written, f, indent=1)
     return written
 
 

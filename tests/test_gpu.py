@@ -223,15 +223,16 @@ def test_engine_on_cuda_matches_dense_reference(precision, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_head_bench_on_cuda_reports_memory_counters(backend):
+def test_head_bench_on_cuda_reports_memory_counters(backend, tmp_path):
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "head_bench.py"), "--classes",
          "200000", "--dim", "128", "--batch", "64", "--world-size", "1", "--steps", "2",
          "--warmup", "1", "--backend", backend, "--input-dtype", "bfloat16",
-         "--skip-baseline"], capture_output=True, text=True, timeout=600,
+         "--skip-baseline", "--json", str(tmp_path / "r.json")], capture_output=True,
+        text=True, timeout=600,
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "r.json").read_text())
     assert result["backend"] == backend
     for key in ("cuda_max_allocated_gb", "cuda_max_reserved_gb", "cuda_bytes_per_element",
                 "gemm_bf16_limit_ms", "head_over_gemm_bf16"):

@@ -40,10 +40,6 @@ def _run(args, cwd, timeout=300):
     return out.stdout, text
 
 
-def _last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     """The README's main job at toy size: 32 identities x 8 images, 8 steps on 2 ranks."""
@@ -75,9 +71,9 @@ def test_export_extract_eval_command_lines(quickstart, tmp_path):
     run, _ = quickstart
     exp = tmp_path / "exported"
     stdout, _ = _run([sys.executable, os.path.join(ROOT, "launch", "export.py"),
-                      "--checkpoint", str(run), "--out", str(exp), "--onnx", "--centers"],
-                     cwd=tmp_path)
-    written = json.loads(stdout[stdout.index("{"):])
+                      "--checkpoint", str(run), "--out", str(exp), "--onnx", "--centers",
+                      "--json", str(tmp_path / "written.json")], cwd=tmp_path)
+    written = json.loads((tmp_path / "written.json").read_text())
     assert set(written) == {"state_dict", "onnx", "centers"}
     assert "onnx: max |onnxruntime - torch|" in stdout
     centers = np.load(exp / "centers.npy")
@@ -108,8 +104,9 @@ def test_export_extract_eval_command_lines(quickstart, tmp_path):
 def test_head_bench_tiny(tmp_path):
     stdout, _ = _run([sys.executable, os.path.join(ROOT, "benchmarks", "head_bench.py"),
                       "--classes", "2000", "--dim", "16", "--batch", "8", "--sample-rate",
-                      "0.5", "--world-size", "1", "--steps", "1", "--warmup", "1"], cwd=tmp_path)
-    r = _last_json(stdout)
+                      "0.5", "--world-size", "1", "--steps", "1", "--warmup", "1", "--json",
+                      str(tmp_path / "r.json")], cwd=tmp_path)
+    r = json.loads((tmp_path / "r.json").read_text())  # a file, never parsed from stdout
     assert (r["classes"], r["dim"], r["world_size"]) == (2000, 16, 1)
     for key in ("head_ms", "gemm_limit_ms", "baseline_ms", "peak_rss_gb", "planned_head_bytes"):
         assert r[key] > 0, key
@@ -119,9 +116,9 @@ def test_data_bench_tiny(tmp_path):
     """64 images, one pass, local disk and the local S3 server (moto, a test extra)."""
     stdout, _ = _run([sys.executable, os.path.join(ROOT, "benchmarks", "data_bench.py"),
                       "--images", "64", "--batch", "16", "--passes", "1", "--shuffle-buffer",
-                      "16", "--min-seconds", "0.05", "--data", str(tmp_path / "d")],
-                     cwd=tmp_path)
-    r = _last_json(stdout)
+                      "16", "--min-seconds", "0.05", "--data", str(tmp_path / "d"),
+                      "--json", str(tmp_path / "r.json")], cwd=tmp_path)
+    r = json.loads((tmp_path / "r.json").read_text())
     assert r["images"] == 64
     for key in ("decode_simplejpeg_per_core", "decode_pil_per_core", "loader_local_per_core",
                 "loader_s3_per_core"):
@@ -167,3 +164,23 @@ def test_quickstart_heldout_pairs_are_not_saturated():
                                          distinct=qs.DISTINCT))
         result = evaluate(model, load_pair_set(path), cfg.model.input_size, batch_size=200)
     assert 0.4 <= result.accuracy <= 0.65, result.accuracy
+
+
+def test_export_and_extract_under_the_deepspeed_launcher(quickstart, tmp_path):
+    """The deepspeed launcher forms of extract.py (2 ranks, each embeds a slice; the result
+    equals one process's) and export.py (rank 0 writes, the other rank exits)."""
+    run, _ = quickstart
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    exp = tmp_path / "exported"
+    _run(launcher + ["--master_port", str(free_port()), os.path.join(ROOT, "launch", "export.py"),
+                     "--checkpoint", str(run), "--out", str(exp), "--json",
+                     str(tmp_path / "w.json")], cwd=tmp_path)
+    assert json.loads((tmp_path / "w.json").read_text()) == {"state_dict": str(exp / "backbone.pt")}
+    for how, prefix in (("deepspeed", launcher + ["--master_port", str(free_port())]),
+                        ("python", [sys.executable])):
+        _run(prefix + [os.path.join(ROOT, "launch", "extract.py"), "--checkpoint",
+                       str(exp / "backbone.pt"), "--images", str(run / "data"), "--out",
+                       str(tmp_path / f"{how}.npy")], cwd=tmp_path)
+    a, b = np.load(tmp_path / "deepspeed.npy"), np.load(tmp_path / "python.npy")
+    assert a.shape == (256, 64) and np.allclose(a, b, atol=1e-5)
+    assert (tmp_path / "deepspeed.keys.txt").read_text() == (tmp_path / "python.keys.txt").read_text()

@@ -1,6 +1,6 @@
-"""A run killed with SIGKILL at random moments (start-up, mid-step, mid-checkpoint) and started
-again with the same command, through the real `deepspeed` launcher at the same number of ranks,
-ends with a model bit-identical to the uninterrupted run's."""
+"""A run killed with SIGKILL at random moments (just after start-up, mid-step, mid-checkpoint)
+and started again with the same command, through the real `deepspeed` launcher at the same
+number of ranks, ends with a model bit-identical to the uninterrupted run's."""
 import json
 import os
 import random
@@ -84,38 +84,39 @@ def test_sigkill_at_random_moments_then_the_same_command_is_bit_exact(tmp_path, 
                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     try:
-        t0 = time.time()
         straight = start(str(tmp_path / "straight"))
         log = straight.communicate(timeout=300)[0]
         assert straight.returncode == 0, log[-3000:]
-        duration = time.time() - t0
         killed, kills = str(tmp_path / "killed"), []
         metrics = os.path.join(killed, "metrics.jsonl")
-        # kill 1: any moment of a run (start-up most likely); kill 2: while it trains, a random
-        # instant after a random step (mid-step or mid-checkpoint: one is saved every 2 steps)
-        for phase in ("any", "training"):
+        # kill 1: a random instant of the first 1.5 s after start-up (input streams and loader
+        # workers starting, the first steps); kill 2: a random instant after the restarted
+        # run's 1st-3rd logged step (mid-step or mid-checkpoint: one every 2 steps).
+        # Not earlier: a process killed inside DeepSpeed's JIT op load leaves torch's build
+        # lock behind, and the next start waits on it (RECIPES.md; launch/train.py removes such
+        # a lock once it is 30 minutes old, which no test can wait for).
+        for kind, count, window in (("start", 1, 1.5), ("train", rng.randint(1, 3), 0.5)):
             p = start(killed)
-            seen = open(metrics).read().count("\n") if os.path.exists(metrics) else 0
-            after, deadline, what = rng.randint(2, 6), None, None
-            if phase == "any":
-                delay = rng.uniform(0.5, duration)
-                deadline, what = time.time() + delay, f"{delay:.1f} s after launch"
+            seen = len(open(metrics).read().split("\n")) - 1 if os.path.exists(metrics) else 0
+            deadline, what = None, None
             while p.poll() is None:
                 if deadline is None and os.path.exists(metrics):
-                    rows = [json.loads(r) for r in open(metrics).read().splitlines()[seen:]
-                            if r.strip()]
-                    if any(r.get("kind") == "train" and r["step"] >= after for r in rows):
-                        extra = rng.uniform(0.0, 0.5)
-                        deadline, what = time.time() + extra, f"{extra:.2f} s after step {after}"
+                    lines = open(metrics).read().split("\n")[seen:-1]  # complete lines only
+                    if sum(json.loads(r).get("kind") == kind for r in lines if r) >= count:
+                        extra = rng.uniform(0.0, window)
+                        deadline = time.time() + extra
+                        what = f"{extra:.2f} s after this start's {kind} record #{count}"
                 if deadline is not None and time.time() >= deadline:
                     os.killpg(p.pid, signal.SIGKILL)  # the launcher and both ranks at once
                     kills.append(what)
                     break
                 time.sleep(0.02)
             p.wait()
+        assert kills, "no kill landed: the run ended first"
         final = start(killed)
         log = final.communicate(timeout=300)[0]
         why = f"seed {seed} (HYBRID_FC_KILL_SEED), kills: {kills}"
+        print(why)
         assert final.returncode == 0, why + "\n" + log[-3000:]
         for name in ("backbone.pt", "head-rank00000.pt", "head-rank00001.pt"):
             a = _tensors(os.path.join(tmp_path, "straight", "global_step8", "hybrid", name))

@@ -90,7 +90,7 @@ def head_shard_file(save_dir: str, tag: str, rank: int) -> str:
 _MODEL_KEYS = ("backbone", "embedding_size", "input_size", "backbone_kwargs")
 
 
-# -- locating a checkpoint (export, eval and extract read through these) -------------------------------------------------------------------
+# -- locating a checkpoint (export, eval and extract read through these) ---------------------
 def _is_tag_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, _HYBRID)) or bool(
         glob.glob(os.path.join(path, "*model_states.pt")))

@@ -22,6 +22,7 @@ overflow, which DeepSpeed decides for all ranks together, so head and backbone s
 import math
 import os
 import sys
+import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -29,7 +30,31 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["HybridEngine", "WarmupDecay", "clear_stale_build_locks", "rank_memory_bytes",
-           "release_shm_buffers", "finish_distributed", "run_script", "standalone_defaults"]
+           "release_shm_buffers", "finish_distributed", "run_script", "standalone_defaults",
+           "watch_build_locks"]
+
+
+def _build_locks():
+    """(path, age in seconds) of every torch JIT-extension build lock under
+    TORCH_EXTENSIONS_DIR, else torch's default root (~/.cache/torch_extensions)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = get_default_build_root()
+    for dirpath, _, files in os.walk(root):
+        if "lock" in files:
+            lock = os.path.join(dirpath, "lock")
+            try:
+                yield lock, time.time() - os.path.getmtime(lock)
+            except FileNotFoundError:  # released meanwhile
+                continue
+
+
+def _waiting_message(lock: str, age: float, stale_after_s: float) -> str:
+    return (f"hybrid_fc: DeepSpeed is waiting on the op build lock {lock} ({age:.0f} s old). "
+            "A build takes about a minute; if no other run is starting on this machine, the "
+            "lock was left by a process killed while building or loading the op: remove it "
+            f"(it is removed at start once {stale_after_s / 60:.0f} minutes old)")
 
 
 def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> List[str]:
@@ -41,22 +66,12 @@ def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> Li
     A process killed during the build or the load (Ctrl-C at start-up, a job timeout) leaves the
     file behind, and every later run on that machine hangs at start-up. A build takes minutes,
     not half an hour, so an older lock has no live owner. A younger lock may be another run
-    building right now: left alone, and mentioned only when it is over 2 minutes old. Scans TORCH_EXTENSIONS_DIR, else torch's default
-    root (~/.cache/torch_extensions). Call it from one process per machine (local rank 0)
-    before DeepSpeed starts, so that two ranks never remove a lock the other just took."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        from torch.utils.cpp_extension import get_default_build_root
-        root = get_default_build_root()
+    building right now: left alone, and mentioned only when it is over 2 minutes old (and by
+    watch_build_locks if the start-up is still waiting 2 minutes later). Call it from one
+    process per machine (local rank 0) before DeepSpeed starts, so that two ranks never remove
+    a lock the other just took."""
     removed = []
-    for dirpath, _, files in os.walk(root):
-        if "lock" not in files:
-            continue
-        lock = os.path.join(dirpath, "lock")
-        try:
-            age = time.time() - os.path.getmtime(lock)
-        except FileNotFoundError:  # released meanwhile
-            continue
+    for lock, age in _build_locks():
         if age > stale_after_s:
             try:
                 os.remove(lock)
@@ -65,11 +80,23 @@ def clear_stale_build_locks(stale_after_s: float = 1800.0, print_fn=print) -> Li
             removed.append(lock)
             print_fn(f"hybrid_fc: removed a stale build lock {lock} ({age / 60:.0f} min old; "
                      "its process died while building or loading a DeepSpeed op)")
-        elif age > 120:  # a build takes ~1 min here: say what the wait is, not what to delete
-            print_fn(f"hybrid_fc: waiting for a DeepSpeed op build that started {age:.0f} s ago "
-                     f"(lock {lock}); a lock older than {stale_after_s / 60:.0f} min is "
-                     "removed as stale at the next start")
+        elif age > 120:
+            print_fn(_waiting_message(lock, age, stale_after_s))
     return removed
+
+
+def watch_build_locks(after_s: float = 120.0, stale_after_s: float = 1800.0, print_fn=print):
+    """A daemon thread that, if DeepSpeed's start-up is still running `after_s` seconds from
+    now, names any build lock it may be waiting on (torch waits on one silently, for ever).
+    Returns the Event to set when start-up is done."""
+    done = threading.Event()
+
+    def watch():
+        if not done.wait(after_s):
+            for lock, age in _build_locks():
+                print_fn(_waiting_message(lock, age, stale_after_s))
+    threading.Thread(target=watch, daemon=True, name="hybrid_fc-build-lock-watch").start()
+    return done
 
 
 def release_shm_buffers() -> Optional[str]:

@@ -38,8 +38,8 @@ from .checkpoint import (CheckpointError, backbone_file, head_shard_file, load_f
                          model_config, read_meta, resolve_checkpoint)
 
 __all__ = ["CheckpointError", "OnnxExportError", "resolve_checkpoint", "load_backbone_weights",
-           "load_backbone", "load_for_inference", "save_backbone", "export_class_centers", "export_onnx",
-           "check_onnx"]
+           "load_backbone", "load_for_inference", "save_backbone", "export_class_centers",
+           "export_onnx", "check_onnx", "import_factory"]
 
 class OnnxExportError(RuntimeError):
     """The backbone cannot be exported to ONNX with a dynamic batch, or the file disagrees

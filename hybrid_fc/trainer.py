@@ -19,6 +19,8 @@ to an uninterrupted one.
 import json
 import logging
 import os
+import sys
+import threading
 import time
 import warnings
 from typing import Any, Dict
@@ -242,9 +244,9 @@ def _check_memory(cfg, ds_cfg, rank, world_size):
 
 
 def quiet_logs(rank: int, verbose: bool = False) -> None:
-    """Rank 0 logs at INFO, the other ranks at WARNING (verbose: all at INFO); third-party INFO chatter (DeepSpeed's
-    per-step and config dumps, botocore/s3fs per request) is lowered to WARNING unless
-    `verbose`."""
+    """Rank 0 logs at INFO, the other ranks at WARNING (verbose: all at INFO); third-party INFO
+    chatter (DeepSpeed's per-step and config dumps, botocore/s3fs per request) is lowered to
+    WARNING unless `verbose`."""
     logging.basicConfig(level=logging.INFO if rank == 0 or verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     if verbose:
@@ -285,7 +287,7 @@ class Trainer:
         from .checkpoint import load_checkpoint, remove_stale_temps
         from .config import config_to_dict
         from .engine import (HybridEngine, WarmupDecay, clear_stale_build_locks,
-                             release_shm_buffers, standalone_defaults)
+                             release_shm_buffers, standalone_defaults, watch_build_locks)
         from .head import PartialFC
 
         self.cfg, self.ds_config = cfg, ds_config
@@ -297,23 +299,28 @@ class Trainer:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank == 0:  # a killed run's build lock hangs start-up
             clear_stale_build_locks()
-        standalone_defaults()  # plain `python launch/train.py`: one process, no launcher
-        deepspeed.init_distributed()
-        release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run
-        self.rank, self.world_size = rank, world_size = dist.get_rank(), dist.get_world_size()
-        quiet_logs(rank, verbose)
-        self.out = out = cfg.train.output_dir
-        if local_rank == 0:  # before any save of this run: a killed save's temporary files
-            for path in remove_stale_temps(out):
-                logger.info("removed %s (left by an interrupted save)", path)
+        started = watch_build_locks(print_fn=lambda m: print(m, file=sys.stderr, flush=True)) \
+            if local_rank == 0 else threading.Event()
+        try:  # DeepSpeed's start-up: its JIT ops are built or loaded in here
+            standalone_defaults()  # plain `python launch/train.py`: one process, no launcher
+            deepspeed.init_distributed()
+            release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run
+            self.rank, self.world_size = rank, world_size = dist.get_rank(), dist.get_world_size()
+            quiet_logs(rank, verbose)
+            self.out = out = cfg.train.output_dir
+            if local_rank == 0:  # before any save of this run: a killed save's temporary files
+                for path in remove_stale_temps(out):
+                    logger.info("removed %s (left by an interrupted save)", path)
 
-        _check_memory(cfg, ds_config, rank, world_size)
-        torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
-        backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size,
-                                  input_size=cfg.model.input_size, **cfg.model.backbone_kwargs)
-        engine, *_ = deepspeed.initialize(
-            model=backbone, config=ds_config,
-            model_parameters=[p for p in backbone.parameters() if p.requires_grad])
+            _check_memory(cfg, ds_config, rank, world_size)
+            torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
+            backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size,
+                                      input_size=cfg.model.input_size, **cfg.model.backbone_kwargs)
+            engine, *_ = deepspeed.initialize(
+                model=backbone, config=ds_config,
+                model_parameters=[p for p in backbone.parameters() if p.requires_grad])
+        finally:
+            started.set()
         self.device = device = next(engine.module.parameters()).device
         head = PartialFC(build_margin(cfg), cfg.model.embedding_size, cfg.head.num_classes,
                          cfg.head.sample_rate, sparse_grad=cfg.head.sparse_grad,

@@ -261,5 +261,16 @@ def test_stale_build_locks_are_removed_and_fresh_ones_kept(tmp_path, monkeypatch
     said.clear()
     assert clear_stale_build_locks(1800, print_fn=said.append) == []
     assert (fresh / "lock").exists()
-    assert len(said) == 1 and "waiting for a DeepSpeed op build" in said[0]
+    assert len(said) == 1 and "waiting on the op build lock" in said[0]
     assert "delete" not in said[0]  # never an invitation to delete a live lock
+    # still waiting some time later (torch waits on a lock silently): the watcher names it
+    from hybrid_fc.engine import watch_build_locks
+    said.clear()
+    done = watch_build_locks(after_s=0.2, print_fn=said.append)
+    time.sleep(1.0)
+    assert len(said) == 1 and "busy_op" in said[0] and "waiting on the op build lock" in said[0]
+    done.set()
+    said.clear()
+    watch_build_locks(after_s=0.5, print_fn=said.append).set()  # start-up done in time
+    time.sleep(1.0)
+    assert said == []

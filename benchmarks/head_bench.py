@@ -269,7 +269,7 @@ def main(argv=None):
     ap.add_argument("--rounding", default="stochastic", choices=["stochastic", "nearest"],
                     help="write-back of bf16 centers")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                    help="PartialFC backend (auto: triton on CUDA when installed, else torch)")
+                    help="PartialFC backend (auto: torch until the kernels pass on a GPU)")
     ap.add_argument("--input-dtype", default="float32",
                     choices=["float32", "bfloat16", "float16"],
                     help="dtype of the embeddings fed to the head (the backbone's output)")

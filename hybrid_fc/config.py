@@ -84,8 +84,9 @@ class HeadConfig:
     """Storage of the class centers: float32 (exact) or bfloat16 (2 bytes per element, no fp32
     master copy, stochastic rounding by the head optimizer; needs a sparse_* head optimizer)."""
     backend: str = "auto"
-    """Head kernels: auto (the fused Triton kernels on CUDA when triton is installed, torch
-    otherwise), torch, or triton (never falls back: raises where the kernels cannot run)."""
+    """Head kernels: auto (torch for now; the fused Triton kernels on CUDA once they have
+    passed the GPU suite), torch, or triton (never falls back: raises where the kernels
+    cannot run)."""
 
     def __post_init__(self):
         _require_finite(self, "head")

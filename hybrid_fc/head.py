@@ -110,9 +110,9 @@ class PartialFC(nn.Module):
         hybrid_fc.kernels.triton_ce score the sampled rows tile by tile and never hold the
         (B*W, S) logits (chunk_size then only sizes the blocks of the rows' gradient
         projection); needs the `triton` extra and CUDA tensors (or CPU tensors under
-        TRITON_INTERPRET=1, for tests), and raises where it cannot run. auto: triton on CUDA
-        when triton is importable, torch otherwise (so CPU runs are unchanged). Decided per
-        step from the inputs' device.
+        TRITON_INTERPRET=1, for tests), and raises where it cannot run. auto: torch for now;
+        triton on CUDA (when importable) once the kernels have passed the GPU suite
+        (kernels.TRITON_ON_CUDA_BY_DEFAULT). Decided per step from the inputs' device.
 
     Precision: embeddings in bf16/fp16 make the matmuls run in that precision; normalization of
     the centers, softmax statistics, loss and the accumulation of gradients are fp32.

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from test_engine_support import (EMB, batch, dense_reference, ds_config, full_params,
+from test_engine_support import (EMB, InfGrad, batch, dense_reference, ds_config, full_params,
                                  patch_fp16_supported, run_ranks, TinyNet)
 
 S, M, HEAD_LR = 16.0, 0.3, 0.2
@@ -92,24 +92,12 @@ def test_matches_dense_reference(world_size, stage, precision, gas, micro, num_c
 
 
 # -- fp16 overflow -------------------------------------------------------------------------
-class _InfGrad(torch.autograd.Function):
-    """forward: identity; backward: an inf gradient (simulates an fp16 overflow)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, float("inf"))
-
-
 class _PoisonNet(TinyNet):
     poison = False
 
     def forward(self, x):
         h = torch.tanh(self.fc1(x))
-        return self.fc2(_InfGrad.apply(h) if self.poison else h)
+        return self.fc2(InfGrad.apply(h) if self.poison else h)
 
 
 def _overflow(rank, world_size, stage):

@@ -22,23 +22,13 @@ import os
 import torch
 from torch import nn
 
-from test_engine_support import patch_fp16_supported, run_ranks
+from test_engine_support import InfGrad, patch_fp16_supported, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
 SIZE, EMB, C = 16, 16, 10
 FP16_SCALE_POWER = 8   # 256: no overflow on this net's gradients, so steps are applied
 FORCED_OVERFLOWS = 2   # fp16: the first 2 steps overflow on rank 1 (hysteresis 2: scale / 2)
-
-
-class _InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, float("inf"))
 
 
 class _Poisonable(nn.Module):
@@ -50,7 +40,7 @@ class _Poisonable(nn.Module):
 
     def forward(self, x):
         out = self.net(x)
-        return _InfGrad.apply(out) if self.poison else out
+        return InfGrad.apply(out) if self.poison else out
 
 
 def _build(cfg):

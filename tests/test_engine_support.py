@@ -93,6 +93,18 @@ def run_ranks(world_size, fn, *args, timeout=240, env=None, allow_dead=False):
 IN_DIM, HIDDEN, EMB = 12, 16, 8
 
 
+class InfGrad(torch.autograd.Function):
+    """forward: identity; backward: an inf gradient (simulates an fp16 overflow)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("inf"))
+
+
 class TinyNet(nn.Module):
     """Linear -> tanh -> Linear: no BatchNorm, so a data-parallel run equals one big batch."""
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hybrid_fc import ArcFace, PartialFC  # noqa: E402
-from hybrid_fc.optim import SparseSGD  # noqa: E402
-from hybrid_fc.partition import ClassRange  # noqa: E402
-from hybrid_fc.plan import PlanInput, plan  # noqa: E402
-from hybrid_fc.sampler import num_sample_for  # noqa: E402
+from hybrid_fc.head.optim import SparseSGD  # noqa: E402
+from hybrid_fc.head.partition import ClassRange  # noqa: E402
+from hybrid_fc.training.plan import PlanInput, plan  # noqa: E402
+from hybrid_fc.head.sampler import num_sample_for  # noqa: E402
 
 
 def _peak_gb(device):
@@ -305,7 +305,7 @@ def main(argv=None):
         "net_bytes_per_element": round(max((o["peak_gb"] - o["before_gb"]) for o in head)
                                        * 1e9 / elems, 3),
         "net_head_bytes": int(max((o["peak_gb"] - o["before_gb"]) for o in head) * 1e9),
-        # hybrid_fc.plan's figure for the same head (rank 0): what launch/plan.py would say
+        # hybrid_fc.training.plan's figure for the same head (rank 0): what launch/plan.py would say
         "planned_head_bytes": int(plan(PlanInput(
             classes=args.classes, dim=args.dim, gpus=args.world_size, gpu_memory=1 << 50,
             sample_rate=args.sample_rate, micro_batch=args.batch, precision="fp32",

@@ -24,7 +24,7 @@
    the untrained backbone, the "no learning" reference) with insightface's 10-fold protocol and
    flip TTA, writes OUT/learning_check.json, a PNG of the loss and accuracy curves (--png,
    default benchmarks/learning_check.png), and prints markdown tables for RESULTS.md. Loss and
-   accuracy curves are read from each run's metrics.jsonl (hybrid_fc.metrics).
+   accuracy curves are read from each run's metrics.jsonl (hybrid_fc.training.metrics).
 
 Everything goes under --out (default runs/learning_check); the data is reused when present.
 """
@@ -100,7 +100,7 @@ def run_specs(args):
 
 
 def train(args, index, name, run_overrides, data, run_dir, pairs):
-    from hybrid_fc.metrics import LOG_FILE, METRICS_FILE, read_metrics
+    from hybrid_fc.training.metrics import LOG_FILE, METRICS_FILE, read_metrics
     for old in (METRICS_FILE, LOG_FILE):  # a fresh run (train.resume=false): fresh metrics
         if os.path.exists(os.path.join(run_dir, old)):
             os.remove(os.path.join(run_dir, old))
@@ -134,20 +134,20 @@ def train(args, index, name, run_overrides, data, run_dir, pairs):
 
 def evaluate_run(run_dir, pairs_path, size):
     from hybrid_fc.evaluation import evaluate, load_bin
-    from hybrid_fc.export import load_backbone
+    from hybrid_fc.evaluation.export import load_backbone
     model, _ = load_backbone(run_dir)
     return evaluate(model, load_bin(pairs_path), size, batch_size=128)
 
 
 def untrained(run_dir, pairs_path, size):
-    """The same backbone at its initialization (launch/train.py seeds it with train.seed)."""
+    """The same backbone at its initialization (the trainer seeds it with train.seed)."""
     import torch
     from hybrid_fc.backbones import build_backbone
     from hybrid_fc.evaluation import evaluate, load_bin
-    from hybrid_fc.export import load_backbone
+    from hybrid_fc.evaluation.export import load_backbone
+    from hybrid_fc.training.checkpoint import read_run_config
     _, cfg = load_backbone(run_dir)
-    torch.manual_seed(json.load(open(os.path.join(run_dir, "config.json")))
-                      ["experiment"]["train"]["seed"])
+    torch.manual_seed(read_run_config(run_dir)["experiment"]["train"]["seed"])
     model = build_backbone(cfg["backbone"], cfg["embedding_size"], input_size=cfg["input_size"],
                            **cfg["backbone_kwargs"])
     return evaluate(model, load_bin(pairs_path), size, batch_size=128)

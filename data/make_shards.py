@@ -20,7 +20,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="RecordIO directory, image folder, or `path label` list file")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
-    p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    p.add_argument("--shard-size", default="256MB",
+                   help="target shard size: 256MB = 256 x 10^6 bytes, 256MiB = 256 x 2^20 "
+                        "(default 256MB)")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help="fixed number of samples per shard (overrides --shard-size)")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes")

@@ -12,7 +12,7 @@ reads --bin as an abbreviation of its --bind_cores_to_rank / --bind_core_list.)
 --checkpoint: a training run folder (its `latest` checkpoint; --tag picks another), a tag folder,
 or a backbone.pt written by launch/export.py. Any file not ending in .bin is read as a pair list
 (`image_a image_b is_same` per line). Accuracy is insightface's 10-fold protocol with flip TTA
-(hybrid_fc/evaluation.py); TAR@FAR is over all pairs (n/a when a set has < 1/FAR impostors).
+(hybrid_fc/evaluation/verification.py); TAR@FAR is over all pairs (n/a when a set has < 1/FAR impostors).
 """
 import argparse
 import json
@@ -21,39 +21,27 @@ import sys
 
 
 def parse_args(argv=None):
+    from hybrid_fc.evaluation.export import add_checkpoint_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder, tag folder or backbone.pt")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the run's latest)")
+    add_checkpoint_args(p)
     p.add_argument("--pairs", "--bin", action="append", required=True, dest="bins",
                    help="pair set (.bin or pair list); repeat for several")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (x2 with flip)")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--nfolds", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
-    p.add_argument("--backbone", default=None, help="override / supply the saved model config")
-    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
-                   help="your own backbone outside the registry: MODULE:FACTORY() returns the "
-                        "nn.Module to load the weights into (MODULE importable, e.g. on "
-                        "PYTHONPATH)")
-    p.add_argument("--embedding-size", type=int, default=None)
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow reading DeepSpeed's own checkpoint files when there is no "
-                        "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     from hybrid_fc.evaluation import evaluate, format_table, load_pair_set
-    from hybrid_fc.export import load_for_inference
+    from hybrid_fc.evaluation.export import load_for_inference, model_overrides
     rank = int(os.environ.get("RANK", "0"))
     model, cfg = load_for_inference(args.checkpoint, args.tag, args.trust_checkpoint,
-                                    model=args.model, backbone=args.backbone,
-                                    embedding_size=args.embedding_size)
-    size = args.image_size or int(cfg["input_size"])
+                                    **model_overrides(args))
+    size = int(cfg["input_size"])
     results = [evaluate(model, load_pair_set(path), size, batch_size=args.batch_size,
                         flip=not args.no_flip, nfolds=args.nfolds) for path in args.bins]
     if rank == 0:
@@ -67,5 +55,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from hybrid_fc.engine import run_script
+    from hybrid_fc.runtime import run_script
     sys.exit(run_script(main))

@@ -18,26 +18,15 @@ import sys
 
 
 def parse_args(argv=None):
+    from hybrid_fc.evaluation.export import add_checkpoint_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder (latest) or tag folder")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the run's latest)")
+    add_checkpoint_args(p, checkpoint_help="run folder (latest) or tag folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write backbone.onnx")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--centers", action="store_true", help="also write the class centers")
-    p.add_argument("--backbone", default=None, help="override / supply the saved model config")
-    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
-                   help="your own backbone outside the registry: MODULE:FACTORY() returns the "
-                        "nn.Module to load the weights into (MODULE importable, e.g. on "
-                        "PYTHONPATH)")
-    p.add_argument("--embedding-size", type=int, default=None)
-    p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--json", default=None, help="also write what was written (paths) here")
-    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow reading DeepSpeed's own checkpoint files when there is no "
-                        "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
     return p.parse_args(argv)
 
 
@@ -45,9 +34,9 @@ def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}  # under a launcher: one process is enough, rank 0 writes, the others wait
-    from hybrid_fc.export import export_class_centers, export_onnx, load_backbone, save_backbone
-    overrides = dict(model=args.model, backbone=args.backbone,
-                     embedding_size=args.embedding_size, input_size=args.input_size)
+    from hybrid_fc.evaluation.export import (export_class_centers, export_onnx, load_backbone,
+                                             model_overrides, save_backbone)
+    overrides = model_overrides(args)
     # save_backbone creates args.out only once the weights have loaded into the model: a
     # checkpoint that cannot be read leaves no empty output folder behind
     pt = save_backbone(args.checkpoint, os.path.join(args.out, "backbone.pt"), args.tag,
@@ -72,5 +61,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from hybrid_fc.engine import run_script
+    from hybrid_fc.runtime import run_script
     sys.exit(run_script(main))

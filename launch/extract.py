@@ -14,36 +14,24 @@ import sys
 
 
 def parse_args(argv=None):
+    from hybrid_fc.evaluation.export import add_checkpoint_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder, tag folder or backbone.pt")
-    p.add_argument("--tag", default=None)
+    add_checkpoint_args(p)
     p.add_argument("--images", required=True, help="image folder, or shards (manifest/pattern)")
     p.add_argument("--out", required=True, help="output .npy")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
-    p.add_argument("--backbone", default=None, help="override / supply the saved model config")
-    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
-                   help="your own backbone outside the registry: MODULE:FACTORY() returns the "
-                        "nn.Module to load the weights into (MODULE importable, e.g. on "
-                        "PYTHONPATH)")
-    p.add_argument("--embedding-size", type=int, default=None)
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow reading DeepSpeed's own checkpoint files when there is no "
-                        "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
-    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from hybrid_fc.export import load_for_inference
-    from hybrid_fc.extract import extract_embeddings
+    from hybrid_fc.evaluation.export import load_for_inference, model_overrides
+    from hybrid_fc.evaluation.extract import extract_embeddings
     model, cfg = load_for_inference(args.checkpoint, args.tag, args.trust_checkpoint,
-                                    model=args.model, backbone=args.backbone,
-                                    embedding_size=args.embedding_size)
-    n = extract_embeddings(model, args.images, args.out, args.image_size or int(cfg["input_size"]),
+                                    **model_overrides(args))
+    n = extract_embeddings(model, args.images, args.out, int(cfg["input_size"]),
                            batch_size=args.batch_size, flip=not args.no_flip)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{n} embeddings -> {args.out} (+ {args.out[:-4]}.keys.txt)", flush=True)
@@ -51,5 +39,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from hybrid_fc.engine import run_script
+    from hybrid_fc.runtime import run_script
     sys.exit(run_script(main))

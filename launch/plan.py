@@ -1,4 +1,4 @@
-"""Will it fit? The per-GPU memory of a Partial FC run, before you start it (hybrid_fc.plan).
+"""Will it fit? The per-GPU memory of a Partial FC run, before you start it (hybrid_fc.training.plan).
 
     python launch/plan.py --classes 300M --dim 512 --gpus 8 --gpu-memory 80GB \\
         --sample-rate 0.1 --backbone iresnet100 --deepspeed_config ds_configs/zero2_bf16.json \\
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None):
+    from hybrid_fc.head.precision import STATE_DTYPES, WEIGHT_DTYPES, dtype_names
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="experiment YAML (defaults for the flags)")
@@ -45,9 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=None, help="images per rank per step")
     p.add_argument("--backbone", default=None, help="model.backbone (a registry name)")
     p.add_argument("--input-size", type=int, default=None, help="model.input_size")
-    p.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--state-dtype", default=None,
-                   choices=["float32", "bfloat16", "float16", "int8"])
+    p.add_argument("--weight-dtype", default=None, choices=dtype_names(WEIGHT_DTYPES))
+    p.add_argument("--state-dtype", default=None, choices=dtype_names(STATE_DTYPES))
     p.add_argument("--chunk-size", type=int, default=None, help="head.chunk_size (0: none)")
     p.add_argument("--reserve", default="3GB",
                    help="allowance for the CUDA context, NCCL and allocator slack")
@@ -57,8 +57,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hybrid_fc.config import load_config
-    from hybrid_fc.plan import parse_bytes, parse_count, plan_experiment
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.plan import parse_bytes, parse_count, plan_experiment
     overrides = [] if args.config else ["head.sparse_grad=true", "head_optim.name=sparse_sgd",
                                         "data.source=synthetic"]
     pairs = [("head.num_classes", None if args.classes is None else parse_count(args.classes)),

@@ -90,8 +90,8 @@ def main(argv=None):
     if rc != 0:
         sys.exit(f"training failed (exit code {rc})")
     # the numbers come from the run's metrics file, this invocation's rows
-    from hybrid_fc.config import load_config
-    from hybrid_fc.metrics import read_metrics
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.metrics import read_metrics
     out = load_config(os.path.join("launch", "configs", "quickstart.yaml"),
                       [o for o in overrides if o.startswith("train.output_dir=")]
                       ).train.output_dir

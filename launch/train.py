@@ -21,7 +21,7 @@ Several nodes without ssh (a scheduler starts one launcher per node; also two "n
         launch/train.py --config ... --deepspeed_config ...        # on node2
   `.deepspeed_env` is not applied here: export NCCL_SOCKET_IFNAME, AWS_* in each node's shell.
 
-The YAML (hybrid_fc/config.py) owns the model, head, head optimizer, LR schedule shape, data and
+The YAML (hybrid_fc/training/config.py) owns the model, head, head optimizer, LR schedule shape, data and
 loop; the DeepSpeed JSON owns micro batch, accumulation, precision, ZeRO and the backbone
 optimizer. Every YAML field can be overridden: `head.sample_rate=0.1 train.steps=2000`.
 A run resumes from `train.output_dir/latest` automatically, at any number of ranks.
@@ -34,7 +34,7 @@ import sys
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="experiment YAML (hybrid_fc/config.py)")
+    p.add_argument("--config", default=None, help="experiment YAML (hybrid_fc/training/config.py)")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/)")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--verbose", action="store_true",
@@ -46,14 +46,14 @@ def parse_args(argv=None):
 def main(argv=None):
     """Train; returns the HybridEngine (tests call this in-process)."""
     args = parse_args(argv)
-    from hybrid_fc.config import load_config
-    from hybrid_fc.trainer import Trainer
+    from hybrid_fc.evaluation import build_verification
+    from hybrid_fc.training import Trainer, load_config
     cfg = load_config(args.config, args.overrides)
     with open(args.deepspeed_config) as f:
         ds_cfg = json.load(f)
-    return Trainer(cfg, ds_cfg, verbose=args.verbose).fit()
+    return Trainer(cfg, ds_cfg, verbose=args.verbose, verification=build_verification).fit()
 
 
 if __name__ == "__main__":
-    from hybrid_fc.engine import run_script
+    from hybrid_fc.runtime import run_script
     sys.exit(run_script(main))

@@ -1,11 +1,11 @@
 """Shared fixtures. Data-path fixtures are prefixed `data_` / named for what they start."""
 import os
-import socket
 import sys
 
 import pytest
 
 from _extras import find_aws_cli, require_extra
+from harness import free_port, prebuild_deepspeed_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,23 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, "build", "torch_extensions"))
 
 
-def _prebuild_deepspeed_ops():
-    from deepspeed.accelerator import get_accelerator
-    import deepspeed.ops
-    from hybrid_fc.engine import clear_stale_build_locks
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return  # not a CPU accelerator, or the op cannot build here: DeepSpeed skips it too
-    # no build of this op takes 10 minutes; an older lock was left by a killed run
-    clear_stale_build_locks(600, print_fn=lambda s: print(s, file=sys.stderr))
-    builder.load()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _deepspeed_ops_built():
-    """Build DeepSpeed's JIT op in this process when a collected test module uses DeepSpeed."""
+    """Build DeepSpeed's JIT op in this process when a collected test module uses DeepSpeed
+    (harness.run_deepspeed_ranks also does, before it forks)."""
     if "deepspeed" in sys.modules:
-        _prebuild_deepspeed_ops()
+        prebuild_deepspeed_ops()
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +50,7 @@ def s3_server():
     for this process and its children (forked DataLoader workers, the aws CLI). Yields the
     endpoint URL."""
     moto_server = require_extra("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
-from test_engine_support import (EMB, batch, dense_reference, ds_config, run_ranks, TinyNet)
+from harness import run_deepspeed_ranks
+from reference import dense_reference
+from tinynet import batch, ds_config, EMB, TinyNet
 
 S, M, C, MICRO = 16.0, 0.3, 11, 3
 
@@ -18,8 +20,8 @@ S, M, C, MICRO = 16.0, 0.3, 11, 3
 def _build(world_size, stage, optimizer="SGD", num_classes=C):
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine
-    from hybrid_fc.optim import SparseAdamW
+    from hybrid_fc.training.engine import HybridEngine
+    from hybrid_fc.head.optim import SparseAdamW
     net = TinyNet()
     cfg = ds_config(stage, micro=MICRO, world_size=world_size, optimizer=optimizer)
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
@@ -52,7 +54,7 @@ def _snapshot(hybrid):
 
 
 def _phase(rank, world_size, stage, ckdir, steps, optimizer="SGD"):
-    from hybrid_fc.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
+    from hybrid_fc.training.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
     hybrid = _build(world_size, stage, optimizer)
     client = load_checkpoint(hybrid, ckdir)
     loaded = _snapshot(hybrid) if client is not None else None
@@ -77,7 +79,7 @@ def _phase(rank, world_size, stage, ckdir, steps, optimizer="SGD"):
 
 def _build_head_only(hybrid, num_classes, emb=EMB):
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.training.engine import HybridEngine
     head = PartialFC(ArcFace(S, M), emb, num_classes)
     return HybridEngine(hybrid.engine, head, torch.optim.SGD(head.parameters(), lr=0.1))
 
@@ -109,10 +111,10 @@ def _assert_same(before, after):
 
 def test_resume_4_to_3_to_2_sgd_exact(tmp_path):
     ck = str(tmp_path / "ck")
-    r4 = run_ranks(4, _phase, 2, ck, 3)            # ZeRO-2 at 4 ranks, 3 steps, save
-    r3 = run_ranks(3, _phase, 3, ck, 2)            # ZeRO-3 at 3 ranks: load, 2 steps, save
+    r4 = run_deepspeed_ranks(4, _phase, 2, ck, 3)            # ZeRO-2 at 4 ranks, 3 steps, save
+    r3 = run_deepspeed_ranks(3, _phase, 3, ck, 2)            # ZeRO-3 at 3 ranks: load, 2 steps, save
     _assert_same(r4, r3)
-    r2 = run_ranks(2, _phase, 1, ck, 2)            # ZeRO-1 at 2 ranks: load, 2 steps, save
+    r2 = run_deepspeed_ranks(2, _phase, 1, ck, 2)            # ZeRO-1 at 2 ranks: load, 2 steps, save
     _assert_same(r3, r2)
     with open(os.path.join(ck, "latest")) as f:
         assert f.read() == "global_step7"
@@ -135,8 +137,8 @@ def test_resume_4_to_3_to_2_sgd_exact(tmp_path):
 def test_resume_adamw_zero3_sparse_head_4_to_2_exact(tmp_path):
     """AdamW moments (+ step) under ZeRO-3 and the SparseAdamW head's per-row state."""
     ck = str(tmp_path / "ck")
-    r4 = run_ranks(4, _phase, 3, ck, 2, "AdamW")
-    r2 = run_ranks(2, _phase, 2, ck, 1, "AdamW")
+    r4 = run_deepspeed_ranks(4, _phase, 3, ck, 2, "AdamW")
+    r2 = run_deepspeed_ranks(2, _phase, 2, ck, 1, "AdamW")
     _assert_same(r4, r2)
     assert set(r4[0]["saved"]["keys"]) == {"exp_avg", "exp_avg_sq"}
     assert set(r2[0]["loaded"]["head_state"]) >= {"exp_avg", "exp_avg_sq", "step"}
@@ -146,7 +148,7 @@ def _killed_mid_write(rank, world_size, ckdir):
     """Save at step 2; at step 3 rank 1 dies by SIGKILL halfway through writing its head shard."""
     import signal
 
-    import hybrid_fc.checkpoint as ckpt
+    import hybrid_fc.training.checkpoint as ckpt
     hybrid = _build(world_size, 2)
     for step in range(3):
         hybrid.forward_backward(*batch(step, rank, MICRO, C))
@@ -170,7 +172,7 @@ def _killed_mid_write(rank, world_size, ckdir):
 
 
 def _reload(rank, world_size, ckdir):
-    from hybrid_fc.checkpoint import load_checkpoint
+    from hybrid_fc.training.checkpoint import load_checkpoint
     hybrid = _build(world_size, 2)
     client = load_checkpoint(hybrid, ckdir)
     return dict(_snapshot(hybrid), rank_state=client["rank_state"])
@@ -178,7 +180,7 @@ def _reload(rank, world_size, ckdir):
 
 def test_kill_9_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
     ck = str(tmp_path / "ck")
-    results, procs = run_ranks(2, _killed_mid_write, ck, allow_dead=True, timeout=120)
+    results, procs = run_deepspeed_ranks(2, _killed_mid_write, ck, allow_dead=True, timeout=120)
     assert procs[1].exitcode == -9                 # rank 1 really died by SIGKILL
     assert results[1] is None and results[0] is None  # rank 0's save failed with it
     with open(os.path.join(ck, "latest")) as f:
@@ -188,12 +190,12 @@ def test_kill_9_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
     assert "head-rank00001.pt" not in partial and "meta.json" not in partial, partial
     assert any(n.startswith("head-rank00001.pt.tmp.") for n in partial), partial
     # The previous checkpoint loads exactly what was saved, also at another size (1 rank).
-    from hybrid_fc.checkpoint import latest_tag
+    from hybrid_fc.training.checkpoint import latest_tag
     assert latest_tag(ck) == "global_step2"
     good = [torch.load(tmp_path / f"good{r}.pt", weights_only=False) for r in range(2)]
     saved_weight = torch.cat([g["weight"] for g in good])
     for world_size in (2, 1):
-        after = run_ranks(world_size, _reload, ck)
+        after = run_deepspeed_ranks(world_size, _reload, ck)
         assert torch.equal(torch.cat([r["weight"] for r in after]), saved_weight)
         assert after[0]["steps"] == 2
         # each rank's own state comes back at the same size; at another size there is none
@@ -211,8 +213,8 @@ def _build_low(world_size, stage=2, num_classes=C):
     classes sampled per step, so the sampler stream and the lazy rows matter on resume."""
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine
-    from hybrid_fc.optim import SparseSGD
+    from hybrid_fc.training.engine import HybridEngine
+    from hybrid_fc.head.optim import SparseSGD
     net = TinyNet()
     cfg = ds_config(stage, micro=MICRO, world_size=world_size)
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
@@ -224,7 +226,7 @@ def _build_low(world_size, stage=2, num_classes=C):
 
 
 def _low_phase(rank, world_size, ckdir, steps, save):
-    from hybrid_fc.checkpoint import load_checkpoint, save_checkpoint
+    from hybrid_fc.training.checkpoint import load_checkpoint, save_checkpoint
     hybrid = _build_low(world_size)
     client = load_checkpoint(hybrid, ckdir) if os.path.isdir(ckdir) else None
     loaded = _snapshot(hybrid) if client is not None else None
@@ -244,9 +246,9 @@ def test_bf16_int8_head_resumes_bit_exact_and_reshards(tmp_path):
     lazy rows all come back. Another size: the 2-rank checkpoint loads at 3 ranks with every
     class's bf16 center and int8 state exactly as saved."""
     ck = str(tmp_path / "ck")
-    straight = run_ranks(2, _low_phase, str(tmp_path / "none"), 4, False)
-    first = run_ranks(2, _low_phase, ck, 2, True)
-    resumed = run_ranks(2, _low_phase, ck, 2, False)
+    straight = run_deepspeed_ranks(2, _low_phase, str(tmp_path / "none"), 4, False)
+    first = run_deepspeed_ranks(2, _low_phase, ck, 2, True)
+    resumed = run_deepspeed_ranks(2, _low_phase, ck, 2, False)
     for a, b in zip(straight, resumed):
         assert a["saved"]["weight"].dtype == torch.bfloat16
         assert torch.equal(a["saved"]["weight"], b["saved"]["weight"])
@@ -257,7 +259,7 @@ def test_bf16_int8_head_resumes_bit_exact_and_reshards(tmp_path):
         for name, value in a["saved"]["params"].items():
             assert torch.equal(value, b["saved"]["params"][name]), name
         assert a["rounding_step"] == b["rounding_step"] == 4
-    three = run_ranks(3, _low_phase, ck, 0, False)
+    three = run_deepspeed_ranks(3, _low_phase, ck, 0, False)
     wb, sb = _gather_head(first, "saved")
     wa, sa = _gather_head(three, "loaded")
     assert wa.dtype == torch.bfloat16 and torch.equal(wa, wb)
@@ -274,8 +276,8 @@ def test_bf16_int8_head_shard_is_smaller():
     from types import SimpleNamespace
 
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.checkpoint import _head_shard
-    from hybrid_fc.optim import SparseSGD
+    from hybrid_fc.training.checkpoint import _head_shard
+    from hybrid_fc.head.optim import SparseSGD
     sizes = {}
     for wd, sd in ((torch.float32, torch.float32), (torch.bfloat16, torch.int8)):
         head = PartialFC(ArcFace(S, M), 64, 4000, sample_rate=1.0, sparse_grad=True,
@@ -295,7 +297,7 @@ def test_prune_keeps_the_newest_and_latest_and_in_flight_tags(tmp_path):
     a save in flight, or foreign folders) is never touched."""
     import json
 
-    from hybrid_fc.checkpoint import prune_checkpoints
+    from hybrid_fc.training.checkpoint import prune_checkpoints
     for step in (100, 200, 300, 400, 500):
         h = tmp_path / f"global_step{step}" / "hybrid"
         h.mkdir(parents=True)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from hybrid_fc.config import ExperimentConfig, config_to_dict, load_config
+from hybrid_fc.training.config import ExperimentConfig, config_to_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def test_overrides_convert_types(tmp_path):
     ("seed=1", "ambiguous override 'seed'"),
     ("head.num_classes=many", "head.num_classes: expected an integer"),
     ("head.sample_rate=0", r"head.sample_rate: must be in \(0, 1\]"),
-    ("head.margin=arcfce", "head.margin: must be arcface, cosface or combined"),
+    ("head.margin=arcfce", "head.margin: must be one of arcface, cosface, combined"),
     ("train.resume=maybe", "train.resume: expected true/false"),
     ("head_optim.max_grad_norm=-1", "head_optim.max_grad_norm: must be >= 0"),
     ("schedule.warmup_steps=5000", r"schedule.warmup_steps: must be <= train.steps"),
@@ -66,7 +66,7 @@ def test_every_field_has_a_docstring():
     import dataclasses
     import inspect
 
-    import hybrid_fc.config as c
+    import hybrid_fc.training.config as c
     src = inspect.getsource(c)
     for cls in (c.ModelConfig, c.HeadConfig, c.HeadOptimConfig, c.ScheduleConfig, c.DataConfig,
                 c.TrainConfig, c.ExperimentConfig):
@@ -82,5 +82,6 @@ def test_head_backend_is_validated(tmp_path):
     assert load_config(str(tmp_path / "a.yaml")).head.backend == "triton"
     assert load_config(None, ["head.backend=torch"]).head.backend == "torch"
     assert load_config(None, []).head.backend == "auto"
-    with pytest.raises(ValueError, match="head.backend: must be auto, torch or triton, got 'cuda'"):
+    with pytest.raises(ValueError,
+                       match="head.backend: must be one of auto, torch, triton, got 'cuda'"):
         load_config(None, ["head.backend=cuda"])

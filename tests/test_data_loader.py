@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from hybrid_fc.data import ShardError, augment, make_decoder, make_loader, available_decoders
 from hybrid_fc.data.synthetic import encode_jpeg, synthetic_image
-from tests._dist import run_world
+from harness import run_ranks
 
 
 def _epoch(loader):
@@ -188,7 +188,7 @@ def _rank_epoch(rank, world, shards, num_workers):
 def test_ranks_get_equal_batches_with_uneven_shards(data_tiny_shards, world, num_workers):
     """5 shards of 20,20,20,20,16 samples over 2 and 3 ranks: every rank yields 96 // (W * 8)
     batches, steps through the same number of collectives, and finishes."""
-    results = run_world(world, _rank_epoch, data_tiny_shards, num_workers, timeout=120)
+    results = run_ranks(world, _rank_epoch, data_tiny_shards, num_workers, timeout=120)
     expected = 96 // (world * 8)
     for n, total, length, labels in results:
         assert n == length == expected and total == expected * world

@@ -137,11 +137,11 @@ def test_train_py_streams_s3_on_two_ranks(data_s3_shards, tmp_path):
     """launch/train.py's loop on 2 gloo ranks with data.urls=s3://...: each rank streams its
     share of the shards from the local S3 server in a forked worker; 8 steps of 32 images per
     rank run 2.7 epochs of the 96 samples, so the epoch boundary is crossed on both ranks."""
-    from test_engine_support import run_ranks
+    from harness import run_deepspeed_ranks
     out = str(tmp_path / "run")
-    results = run_ranks(2, _train_from_s3, data_s3_shards, out)
+    results = run_deepspeed_ranks(2, _train_from_s3, data_s3_shards, out)
     assert [steps for steps, _ in results] == [8, 8]
-    from hybrid_fc.metrics import read_metrics
+    from hybrid_fc.training.metrics import read_metrics
     rows = read_metrics(out, "train")
     assert [r["step"] for r in rows] == [4, 8] and all(r["loss"] > 0 for r in rows)
     assert open(os.path.join(out, "latest")).read() == "global_step8"

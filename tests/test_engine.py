@@ -1,6 +1,6 @@
 """HybridEngine against a dense single-process reference, on real DeepSpeed engines (gloo, CPU).
 
-Every case trains a tiny backbone (tests/test_engine_support.TinyNet) plus a PartialFC head
+Every case trains a tiny backbone (tests/tinynet.TinyNet) plus a PartialFC head
 (sample_rate=1, so the loss is the full softmax) on 2 or 3 ranks under ZeRO 0-3 and compares
 losses, backbone weights and the concatenated head shards with `dense_reference`, which sees the
 concatenation of all ranks' micro-batches as one batch and uses plain torch SGD.
@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from test_engine_support import (EMB, InfGrad, batch, dense_reference, ds_config, full_params,
-                                 patch_fp16_supported, run_ranks, TinyNet)
+from harness import run_deepspeed_ranks
+from reference import dense_reference
+from tinynet import batch, ds_config, EMB, full_params, InfGrad, patch_fp16_supported, TinyNet
 
 S, M, HEAD_LR = 16.0, 0.3, 0.2
 STEPS = 4
@@ -24,7 +25,7 @@ def _train(rank, world_size, stage, precision, steps, gas, micro, num_classes, c
         patch_fp16_supported()
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.training.engine import HybridEngine
     net = TinyNet()
     cfg = ds_config(stage, precision, micro=micro, gas=gas, world_size=world_size)
     if clip:
@@ -72,7 +73,7 @@ CASES = [  # (world_size, stage, precision, gas, micro, num_classes, (backbone c
 def test_matches_dense_reference(world_size, stage, precision, gas, micro, num_classes, clip,
                                  tol):
     from hybrid_fc.head import init_class_centers
-    res = run_ranks(world_size, _train, stage, precision, STEPS, gas, micro, num_classes, clip)
+    res = run_deepspeed_ranks(world_size, _train, stage, precision, STEPS, gas, micro, num_classes, clip)
     ref_losses, ref_params, ref_centers = dense_reference(
         STEPS, world_size, micro, num_classes, init_class_centers(0, num_classes, EMB, 0),
         HEAD_LR, S, M, gas=gas, backbone_clip=clip[0] if clip else 0.0,
@@ -104,7 +105,7 @@ def _overflow(rank, world_size, stage):
     patch_fp16_supported()
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.training.engine import HybridEngine
     net = _PoisonNet()
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
                                       config=ds_config(stage, "fp16", world_size=world_size))
@@ -128,7 +129,7 @@ def _overflow(rank, world_size, stage):
 
 
 def test_fp16_overflow_skips_head_and_backbone_on_every_rank():
-    res = run_ranks(2, _overflow, 2)
+    res = run_deepspeed_ranks(2, _overflow, 2)
     for r in res:
         assert r[0]["applied"] and r[0]["backbone_moved"] and r[0]["head_moved"]
         s1 = r[1]
@@ -141,7 +142,7 @@ def test_fp16_overflow_skips_head_and_backbone_on_every_rank():
 
 # -- schedule and argument checks ----------------------------------------------------------
 def test_warmup_decay_shapes():
-    from hybrid_fc.engine import WarmupDecay
+    from hybrid_fc.training.engine import WarmupDecay
     poly = WarmupDecay(total_steps=10, warmup_steps=2, decay="poly", power=2.0)
     assert [poly(s) for s in range(2)] == [0.5, 1.0]
     assert poly(2) == 1.0 and poly(10) == 0.0
@@ -158,7 +159,7 @@ def test_warmup_decay_shapes():
 def _schedule_and_errors(rank, world_size):
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine, WarmupDecay
+    from hybrid_fc.training.engine import HybridEngine, WarmupDecay
     net = TinyNet()
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
                                       config=ds_config(1, world_size=world_size, lr=0.05))
@@ -186,7 +187,7 @@ def _schedule_and_errors(rank, world_size):
 
 
 def test_schedule_follows_engine_steps_and_bad_arguments_are_refused():
-    for lrs, errors, factors in run_ranks(2, _schedule_and_errors):
+    for lrs, errors, factors in run_deepspeed_ranks(2, _schedule_and_errors):
         for (head_lr, bb_lr), f in zip(lrs, factors):
             assert math.isclose(head_lr, 0.4 * f) and math.isclose(bb_lr, 0.05 * f)
         assert "not the head's" in errors["foreign"]
@@ -196,8 +197,8 @@ def test_schedule_follows_engine_steps_and_bad_arguments_are_refused():
 def _sparse_vs_dense(rank, world_size, sparse):
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine
-    from hybrid_fc.optim import SparseSGD
+    from hybrid_fc.training.engine import HybridEngine
+    from hybrid_fc.head.optim import SparseSGD
     net = TinyNet()
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
                                       config=ds_config(1, world_size=world_size))
@@ -216,8 +217,8 @@ def _sparse_vs_dense(rank, world_size, sparse):
 def test_sparse_head_gradient_is_clipped_like_the_dense_one():
     """sample_rate=1: every row has a gradient, so SparseSGD == torch SGD; the clipped norms
     and weights must agree (fp32 rounding only: 1e-6 relative)."""
-    dense = run_ranks(2, _sparse_vs_dense, False)
-    sparse = run_ranks(2, _sparse_vs_dense, True)
+    dense = run_deepspeed_ranks(2, _sparse_vs_dense, False)
+    sparse = run_deepspeed_ranks(2, _sparse_vs_dense, True)
     assert dense[0][1] == dense[1][1]                    # the global norm is the same on ranks
     assert all(n > 0.5 for n in dense[0][1])             # clipping was active
     for a, b in zip(dense[0][1], sparse[0][1]):
@@ -230,7 +231,7 @@ def test_stale_build_locks_are_removed_and_fresh_ones_kept(tmp_path, monkeypatch
     """A torch extension build lock left by a killed process hangs every later DeepSpeed start;
     clear_stale_build_locks removes locks older than its limit, leaves younger ones alone and
     mentions them only after 2 minutes, without inviting anyone to delete them."""
-    from hybrid_fc.engine import clear_stale_build_locks
+    from hybrid_fc.runtime import clear_stale_build_locks
     old, fresh = tmp_path / "py311_cpu" / "old_op", tmp_path / "py311_cpu" / "busy_op"
     for d in (old, fresh):
         d.mkdir(parents=True)
@@ -252,7 +253,7 @@ def test_stale_build_locks_are_removed_and_fresh_ones_kept(tmp_path, monkeypatch
     assert len(said) == 1 and "waiting on the op build lock" in said[0]
     assert "delete" not in said[0]  # never an invitation to delete a live lock
     # still waiting some time later (torch waits on a lock silently): the watcher names it
-    from hybrid_fc.engine import watch_build_locks
+    from hybrid_fc.runtime import watch_build_locks
     said.clear()
     done = watch_build_locks(after_s=0.2, print_fn=said.append)
     time.sleep(1.0)

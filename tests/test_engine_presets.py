@@ -22,7 +22,8 @@ import os
 import torch
 from torch import nn
 
-from test_engine_support import InfGrad, patch_fp16_supported, run_ranks
+from harness import run_deepspeed_ranks
+from tinynet import InfGrad, patch_fp16_supported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
@@ -47,7 +48,7 @@ def _build(cfg):
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
     from hybrid_fc.backbones import build_backbone
-    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.training.engine import HybridEngine
     torch.manual_seed(0)
     net = _Poisonable(build_backbone("iresnet_tiny", EMB, input_size=SIZE, width=4))
     engine, *_ = deepspeed.initialize(model=net, config=cfg, model_parameters=[
@@ -58,7 +59,7 @@ def _build(cfg):
 
 def _scalar_state(engine):
     """The backbone optimizer's scalar state per optimized tensor (AdamW: `step`), read from the
-    inner torch optimizer directly, not through hybrid_fc.checkpoint."""
+    inner torch optimizer directly, not through hybrid_fc.training.checkpoint."""
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     return [{k: float(v) for k, v in st.items() if not torch.is_tensor(v) or v.numel() == 1}
@@ -89,7 +90,7 @@ def _train_step(hybrid, x, y, poison=False):
 
 def _presets(rank, world_size, tmp, configs):
     patch_fp16_supported()
-    from hybrid_fc.checkpoint import backbone_state, load_checkpoint, save_checkpoint
+    from hybrid_fc.training.checkpoint import backbone_state, load_checkpoint, save_checkpoint
     report = {}
     for name, cfg in configs:
         hybrid = _build(cfg)
@@ -182,7 +183,7 @@ def test_presets_train_and_round_trip(tmp_path):
             cfg["optimizer"]["params"]["torch_adam"] = True
         if "fp16" in cfg:       # and a scale at which this tiny net's steps are applied
             cfg["fp16"] = dict(cfg["fp16"], initial_scale_power=FP16_SCALE_POWER)
-    reports = run_ranks(2, _presets, str(tmp_path), configs, timeout=400)
+    reports = run_deepspeed_ranks(2, _presets, str(tmp_path), configs, timeout=400)
     for name, cfg in configs:
         r0, r1 = reports[0][name], reports[1][name]
         fp16 = "fp16" in cfg

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hybrid_fc import ArcFace, CosFace, PartialFC
-from tests._dist import run_world
+from harness import run_ranks
 
 
 def _head(**kw):
@@ -67,7 +67,7 @@ def _too_few_classes(rank, world):
 
 
 def test_num_classes_below_world_size():
-    msgs = run_world(2, _too_few_classes)
+    msgs = run_ranks(2, _too_few_classes)
     assert all(m and "num_classes=1 is smaller than the world size 2" in m for m in msgs), msgs
 
 
@@ -83,7 +83,7 @@ def _one_rank_bad(rank, world):
 
 def test_bad_input_on_one_rank_raises_on_every_rank():
     # Raising only on the bad rank would leave the others hanging in the next collective.
-    msgs = run_world(2, _one_rank_bad, timeout=60)
+    msgs = run_ranks(2, _one_rank_bad, timeout=60)
     assert all(m and m.startswith("rank 1: 1 label(s) outside [0, 10)") for m in msgs), msgs
 
 
@@ -128,6 +128,6 @@ def _one_rank_bad_input(rank, world, kind):
 def test_bad_shape_or_type_on_one_rank_raises_the_same_error_on_every_rank(kind, expected):
     import time
     t = time.time()
-    msgs = run_world(2, _one_rank_bad_input, kind, timeout=60)
+    msgs = run_ranks(2, _one_rank_bad_input, kind, timeout=60)
     assert msgs == [expected, expected], msgs
     assert time.time() - t < 30   # no rank waited for a collective timeout

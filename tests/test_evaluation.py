@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from _dist import run_world
-from hybrid_fc.evaluation import (BinFileError, PairSet, VerificationHook, decode_images,
+from harness import run_ranks
+from hybrid_fc.evaluation import (BinFileError, VerificationHook, decode_images,
                                   embed_images, evaluate, format_table, kfold_accuracy,
                                   load_bin, load_pair_list, tar_at_far, verification_metrics,
                                   write_bin)
@@ -257,8 +257,8 @@ def test_two_ranks_equal_one(tmp_path):
     images, issame = _pairs(23, seed=1)       # 46 images: 23 per rank, 6 calls of 4
     path = str(tmp_path / "set.bin")
     _write_insightface_bin(path, images, issame)
-    (one,) = run_world(1, _evaluate_rank, path, 4)
-    two = run_world(2, _evaluate_rank, path, 4)
+    (one,) = run_ranks(1, _evaluate_rank, path, 4)
+    two = run_ranks(2, _evaluate_rank, path, 4)
     r1, e1, training = one
     assert training
     for r2, e2, training in two:
@@ -297,7 +297,7 @@ def test_ranks_with_own_batchnorm_statistics_embed_with_their_mean(tmp_path):
     images, issame = _pairs(11, seed=2)
     path = str(tmp_path / "set.bin")
     _write_insightface_bin(path, images, issame)
-    (e0, b0), (e1, b1) = run_world(2, _evaluate_rank_stats, path)
+    (e0, b0), (e1, b1) = run_ranks(2, _evaluate_rank_stats, path)
     own = [dict(_model_with_rank_stats(r).named_buffers()) for r in range(2)]
     ref_model = _model()
     with torch.no_grad():
@@ -337,13 +337,13 @@ def test_hook_every_n_steps_and_bad_file_on_all_ranks(tmp_path):
     images[-1] = b"\xff\xd8\xffgarbage"       # the last image: in rank 1's slice only
     bad = str(tmp_path / "bad.bin")
     _write_insightface_bin(bad, images, issame)
-    results = run_world(2, _hook_rank, [good])
+    results = run_ranks(2, _hook_rank, [good])
     for rank, (out, lines) in enumerate(results):
         assert out[0] is None and set(out[1]) == {"good"}
         assert lines == ([] if rank else [lines[0]])
     assert results[0][1][0].startswith("verify [good] step 2: accuracy")
     # a corrupt image on one rank: both raise at construction instead of one hanging later
-    errors = run_world(2, _bad_hook_rank, [good, bad])
+    errors = run_ranks(2, _bad_hook_rank, [good, bad])
     assert "image 19 cannot be decoded" in errors[1]
     assert "rank 1" in errors[0]
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from _extras import require_extra
-from test_engine_support import ds_config, run_ranks
+from harness import run_deepspeed_ranks
+from tinynet import ds_config
 
-from hybrid_fc.export import (CheckpointError, OnnxExportError, export_class_centers,
+from hybrid_fc.evaluation.export import (CheckpointError, OnnxExportError, export_class_centers,
                               export_onnx, load_backbone, load_backbone_weights, save_backbone)
 
 SIZE, EMB, C = 16, 8, 13
@@ -27,8 +28,8 @@ def _train_and_save(rank, world_size, ckdir):
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
     from hybrid_fc.backbones import build_backbone
-    from hybrid_fc.checkpoint import save_checkpoint
-    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.training.checkpoint import save_checkpoint
+    from hybrid_fc.training.engine import HybridEngine
     torch.manual_seed(0)
     net = build_backbone("iresnet_tiny", EMB, input_size=SIZE)   # BatchNorm: buffers too
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
@@ -65,7 +66,7 @@ def _train_and_save(rank, world_size, ckdir):
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     ckdir = str(tmp_path_factory.mktemp("export") / "run")
-    results = run_ranks(2, _train_and_save, ckdir)
+    results = run_deepspeed_ranks(2, _train_and_save, ckdir)
     return ckdir, results
 
 
@@ -220,13 +221,13 @@ def test_onnx_refuses_data_dependent_control_flow(tmp_path):
 
 
 def _extract_rank(rank, world_size, source, out):
-    from hybrid_fc.extract import extract_embeddings
+    from hybrid_fc.evaluation.extract import extract_embeddings
     return extract_embeddings(_tiny_model(), source, out, SIZE, batch_size=4)
 
 
 def test_extract_folder_two_ranks_equal_reference(tmp_path):
     from PIL import Image
-    from _dist import run_world
+    from harness import run_ranks
     from hybrid_fc.evaluation import decode_images, embed_images
     rng = np.random.default_rng(0)
     root = tmp_path / "gallery"
@@ -236,7 +237,7 @@ def test_extract_folder_two_ranks_equal_reference(tmp_path):
         Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.uint8)).save(root / name)
     (root / "notes.txt").write_text("not an image")
     out = str(tmp_path / "emb.npy")
-    assert run_world(2, _extract_rank, str(root), out) == [7, 7]
+    assert run_ranks(2, _extract_rank, str(root), out) == [7, 7]
     keys = open(tmp_path / "emb.keys.txt").read().split("\n")[:-1]
     assert keys == sorted(names)
     emb = np.load(out)
@@ -248,7 +249,7 @@ def test_extract_folder_two_ranks_equal_reference(tmp_path):
 
 
 def test_extract_shards_keys_and_labels(tmp_path, data_tiny_shards):
-    from hybrid_fc.extract import extract_embeddings
+    from hybrid_fc.evaluation.extract import extract_embeddings
     out = str(tmp_path / "train.npy")
     n = extract_embeddings(_tiny_model(), data_tiny_shards, out, SIZE, batch_size=32)
     keys = open(tmp_path / "train.keys.txt").read().split()
@@ -283,7 +284,7 @@ def test_launch_eval_prints_table(zero3_run, tmp_path, capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    from test_engine_support import free_port
+    from harness import free_port
     out = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                           "--master_port", str(free_port()),
                           os.path.join(root, "launch", "eval.py"), "--checkpoint", ckdir,

@@ -7,9 +7,7 @@ interrupted saves."""
 import json
 import os
 import resource
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,8 +18,7 @@ import torch
 
 from hybrid_fc.data import ShardError, make_loader
 from test_data_loader import _epoch, _handmade_shards
-from tests._dist import run_world
-from test_engine_support import run_ranks
+from harness import free_port, run_deepspeed_ranks, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,8 +57,8 @@ def test_manifest_counts_that_lie_are_errors(tmp_path):
 
 def _streams_on_two_ranks(rank, world_size, good, bad):
     """InputStreams (what the trainer reads from) where only rank 1's data is bad."""
-    from hybrid_fc.config import load_config
-    from hybrid_fc.trainer import InputStreams
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.trainer import InputStreams
     cfg = load_config(None, ["data.source=webdataset", f"data.urls={bad if rank else good}",
                              "data.num_workers=0", "data.shuffle_buffer=0", "head.num_classes=4",
                              "model.input_size=16"])
@@ -83,7 +80,7 @@ def test_a_loader_failing_on_one_rank_stops_every_rank(tmp_path):
     m["num_classes"] = 1
     json.dump(m, open(bad, "w"))
     t = time.time()
-    r0, r1 = run_world(2, _streams_on_two_ranks, good, bad, timeout=120)
+    r0, r1 = run_ranks(2, _streams_on_two_ranks, good, bad, timeout=120)
     assert time.time() - t < 60
     assert r1[0] == "ShardError" and "has label" in r1[1]
     assert r0[0] == "RankFailed" and r0[1].startswith("rank 1 failed: ShardError: ")
@@ -170,7 +167,7 @@ def test_converter_workers_exit_with_a_killed_parent(tmp_path):
 
 def test_yaml_section_that_is_not_a_mapping(tmp_path):
     """Bug caught: `head: [1, 2]` gave a TypeError from deep inside the config loader."""
-    from hybrid_fc.config import load_config
+    from hybrid_fc.training.config import load_config
     path = tmp_path / "bad.yaml"
     path.write_text("head: [1, 2]\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: section 'head' must be a mapping of keys"):
@@ -186,12 +183,6 @@ def _fresh_s3fs():
     s3fs.S3FileSystem.clear_instance_cache()  # clients remember the endpoint they were made for
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_shards(s3_server, data_tiny_shards):
     """The tiny dataset under s3://faces/faults/ (5 shards, 96 samples)."""
@@ -203,7 +194,7 @@ def s3_shards(s3_server, data_tiny_shards):
 def test_dead_endpoint_at_start_is_a_shard_error_within_seconds(s3_shards, monkeypatch):
     """Bug caught: a dead endpoint with an s3://prefix/ source raised botocore's
     EndpointConnectionError (after botocore's and s3fs's stacked retries), not ShardError."""
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     _fresh_s3fs()
     try:
@@ -235,7 +226,7 @@ class _Server:
 def test_s3_server_dying_mid_epoch_stops_within_the_bound(s3_shards, monkeypatch):
     """Bug caught: 75 s from a dead server to the error (stacked retries), and an error that
     named neither the shard nor the endpoint."""
-    port = _free_port()
+    port = free_port()
     server = _Server(port)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     _fresh_s3fs()
@@ -260,7 +251,7 @@ def test_s3_server_blinking_mid_epoch_loses_no_sample(s3_shards, monkeypatch):
     """A server that is down for a second: the shard is retried and read from where it broke;
     the epoch equals an undisturbed one sample for sample. Bug caught: a transient outage
     skipping shards (a shorter or reordered epoch)."""
-    port = _free_port()
+    port = free_port()
     server = _Server(port)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     _fresh_s3fs()
@@ -285,10 +276,10 @@ def test_s3_server_blinking_mid_epoch_loses_no_sample(s3_shards, monkeypatch):
 
 # -- checkpoints: a full disk, the temporary files of interrupted saves ----------------------------
 def _save_with_a_full_disk(rank, world_size, out):
-    from hybrid_fc.checkpoint import CheckpointError, save_checkpoint
+    from hybrid_fc.training.checkpoint import CheckpointError, save_checkpoint
     from hybrid_fc.collectives import RankFailed
     from test_checkpoint import _build
-    from test_engine_support import batch
+    from tinynet import batch
     hybrid = _build(world_size, stage=1)
     x, y = batch(0, rank, 3, 11)  # step 0, micro 3, test_checkpoint's 11 classes
     hybrid.forward_backward(x, y)
@@ -309,7 +300,7 @@ def test_disk_full_during_a_save_is_named_on_every_rank_and_leaves_nothing(tmp_p
     """Bug caught: `basic_ios::clear: iostream error` on one rank, the other waiting in the
     save's barrier, and the *.tmp.<pid> file left behind."""
     out = str(tmp_path / "ck")
-    r0, r1 = run_ranks(2, _save_with_a_full_disk, out, timeout=180)
+    r0, r1 = run_deepspeed_ranks(2, _save_with_a_full_disk, out, timeout=180)
     assert r1[0] == "CheckpointError"
     assert "cannot write" in r1[1] and "head-rank00001.pt" in r1[1] and "GB free" in r1[1]
     assert r0 == ("RankFailed", f"rank 1 failed: CheckpointError: {r1[1]}")
@@ -323,7 +314,7 @@ def test_disk_full_during_a_save_is_named_on_every_rank_and_leaves_nothing(tmp_p
 def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path):
     """A save killed mid-write leaves <name>.tmp.<pid>; the next run's start removes them (and
     nothing else)."""
-    from hybrid_fc.checkpoint import remove_stale_temps
+    from hybrid_fc.training.checkpoint import remove_stale_temps
     hybrid = tmp_path / "global_step4" / "hybrid"
     hybrid.mkdir(parents=True)
     stale = [hybrid / "head-rank00001.pt.tmp.4242", tmp_path / "latest.tmp.977"]

@@ -6,13 +6,10 @@ GPUs are present. TRITON_INTERPRET is removed in the ranks: the kernels are comp
 Never run on the machine this was written on (no GPU); the CPU suite checks the same code paths
 under Triton's interpreter (tests/test_triton.py).
 """
-import datetime
 import json
 import os
-import pickle
 import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
@@ -25,68 +22,23 @@ C, D, SEED = 1000, 100, 7  # D = 100: not a multiple of the 64-wide D tiles (mas
 WORLDS = [1] + ([2] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
 
 
-def _rank_main(rank, world, port, fn, args, queue):
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world)})
-    try:
-        import torch.distributed as dist
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120),
-                                device_id=torch.device("cuda", rank))
-        # plain pickle copies tensor data (torch's queue reducer would share memory with a
-        # process that is about to exit)
-        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _spawn(world, fn, *args, timeout=600):
-    """fn(rank, world, *args) on `world` spawned NCCL ranks (GPU `rank` each); results in rank
-    order. Results must be picklable CPU objects."""
-    import torch.multiprocessing as mp
-    from tests._dist import free_port
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    try:
-        for _ in procs:
-            rank, ok, payload = queue.get(timeout=timeout)
-            if ok:
-                results[rank] = pickle.loads(payload)
-            else:
-                errors.append(f"rank {rank}:\n{payload}")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return [results[r] for r in range(world)]
+    """fn(rank, world, *args) on `world` spawned NCCL ranks (GPU `rank` each), the kernels
+    compiled for the GPU (TRITON_INTERPRET removed); results in rank order."""
+    from harness import run_ranks
+    return run_ranks(world, fn, *args, timeout=timeout, backend="nccl",
+                     env={"TRITON_INTERPRET": None})
 
 
 def _split(n, world, rank):
-    sizes = [n // world + (r < n % world) for r in range(world)]
-    off = sum(sizes[:rank])
-    return sizes, slice(off, off + sizes[rank])
+    from hybrid_fc.common import split_span
+    return slice(*split_span(n, rank, world))
 
 
 def _head_worker(rank, world, configs):
     from hybrid_fc import ArcFace, PartialFC
     from hybrid_fc.head import init_class_centers
-    from tests.reference import dense_margin_ce
+    from reference import dense_margin_ce
     device = torch.device("cuda", rank)
     g = torch.Generator().manual_seed(3)
     n = 131  # uneven over two ranks; 3 row tiles of 64 on one rank (the last ragged)
@@ -97,7 +49,7 @@ def _head_worker(rank, world, configs):
     w = init_class_centers(0, C, D, SEED).double().requires_grad_(True)
     ref = dense_margin_ce(e, w, labels, margin)
     ref.backward()
-    sizes, mine = _split(n, world, rank)
+    mine = _split(n, world, rank)
     out = []
     for backend, dtype, weight_dtype in configs:
         head = PartialFC(margin, D, C, 1.0, seed=SEED, backend=backend, device=device,
@@ -169,7 +121,7 @@ def test_sampled_triton_matches_torch_on_cuda(world):
 def test_auto_selects_triton_on_cuda_once_enabled():
     """auto is torch until the kernels are verified on a GPU (TRITON_ON_CUDA_BY_DEFAULT);
     enabled, it picks triton on CUDA."""
-    from hybrid_fc import kernels
+    from hybrid_fc.head import kernels
     assert kernels.triton_available(), "the GPU suite expects triton (pip install '.[test]')"
     expected = "triton" if kernels.TRITON_ON_CUDA_BY_DEFAULT else "torch"
     assert kernels.select_backend("auto", torch.device("cuda")) == expected
@@ -180,8 +132,8 @@ def _engine_worker(rank, world, precision, backend, steps):
     dynamic loss scaling (the GPU supports fp16: nothing patched)."""
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.engine import HybridEngine
-    from tests.test_engine_support import EMB, TinyNet, batch, ds_config
+    from hybrid_fc.training.engine import HybridEngine
+    from tinynet import batch, ds_config, EMB, TinyNet
     deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
     device = torch.device("cuda", rank)
     net = TinyNet()
@@ -196,7 +148,7 @@ def _engine_worker(rank, world, precision, backend, steps):
         losses.append(hybrid.forward_backward(x.to(device), y.to(device)).item())
         hybrid.step()
         scales.append(hybrid.loss_scale)
-    from tests.test_engine_support import full_params
+    from tinynet import full_params
     return dict(losses=losses, scales=scales, skipped=engine.skipped_steps,
                 params={k: v.cpu() for k, v in full_params(engine).items()},
                 shard=head.weight.detach().cpu())
@@ -206,7 +158,7 @@ def _engine_worker(rank, world, precision, backend, steps):
                                                for b in ("torch", "triton")])
 def test_engine_on_cuda_matches_dense_reference(precision, backend):
     from hybrid_fc.head import init_class_centers
-    from tests.test_engine_support import dense_reference
+    from reference import dense_reference
     steps = 4
     r, = _spawn(1, _engine_worker, precision, backend, steps)
     ref_losses, ref_params, ref_centers = dense_reference(

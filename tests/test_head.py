@@ -1,16 +1,15 @@
 """PartialFC against a single-process dense float64 reference, on 1-4 gloo ranks."""
-import math
 import os
 
 import pytest
 import torch
 
-import hybrid_fc.head as head_mod
+import hybrid_fc.head.partial_fc as head_mod
 from hybrid_fc import ArcFace, CombinedMarginLoss, CosFace, PartialFC, shard_ranges
 from hybrid_fc.collectives import all_gather_rows, all_gather_varlen, scale_grad
 from hybrid_fc.head import init_class_centers
-from tests._dist import run_world
-from tests.reference import dense_margin_ce
+from harness import run_ranks
+from reference import dense_margin_ce
 
 C, D, SEED = 23, 16, 7  # 23 classes split unevenly over 2, 3 and 4 ranks
 BATCHES = {1: [6], 2: [5, 3], 3: [4, 0, 5], 4: [3, 3, 2, 4]}  # a rank may have no samples
@@ -74,7 +73,7 @@ EXACT_CONFIGS = [("arc", False, None, 1 << 24), ("arc", True, None, 16 * 4), ("a
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_matches_dense_reference(world):
-    results = run_world(world, _exact_worker, EXACT_CONFIGS)
+    results = run_ranks(world, _exact_worker, EXACT_CONFIGS)
     for per_rank in zip(*results):
         cfg = per_rank[0]["cfg"]
         # The same loss on every rank: all of them reduce the same all-reduced row statistics.
@@ -148,7 +147,7 @@ def _counts(index, world):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sampled_matches_reference_over_sampled_classes(world):
-    for rank_result in run_world(world, _sampled_worker, 0.3, "arc"):
+    for rank_result in run_ranks(world, _sampled_worker, 0.3, "arc"):
         r = rank_result
         assert r["all_labels_in"], r
         assert r["n_sampled"] < C
@@ -165,7 +164,7 @@ def test_sampled_matches_reference_over_sampled_classes(world):
 
 def test_gather_backward_is_reduce_scatter():
     """all_gather_rows backward alone: rank r gets the sum over ranks of their grads for r's rows."""
-    results = run_world(3, _gather_worker)
+    results = run_ranks(3, _gather_worker)
     sizes = [2, 0, 3]
     coeff = [torch.arange(5 * 4, dtype=torch.float32).reshape(5, 4) * (k + 1) for k in range(3)]
     total = sum(coeff)
@@ -222,7 +221,7 @@ def test_bf16_within_tolerance_of_fp32():
     input values the bf16 head must differ from the fp32 head by bf16 rounding. Catches a head
     that silently computes bf16 input in fp32 (planted: the cast to the input dtype after the
     fp32 normalization dropped; the tolerance check alone passed it)."""
-    for r in run_world(2, _bf16_worker):
+    for r in run_ranks(2, _bf16_worker):
         (l32, e32, w32), (l16, e16, w16) = r["fp32"], r["bf16"]
         # bf16 keeps 8 mantissa bits: cosines carry ~4e-3 relative error, times s=64 that is
         # up to ~0.25 per logit; the loss (log-sum-exp, fp32) moves by a few 1e-2 at most.
@@ -293,7 +292,7 @@ def _streams_worker(rank, world):
 
 
 def test_each_rank_draws_its_own_negatives():
-    a, b = run_world(2, _streams_worker)
+    a, b = run_ranks(2, _streams_worker)
     assert a.numel() == b.numel() == 25
     assert {1, 2} <= set(a.tolist()) and {1, 2} <= set(b.tolist())
     assert not torch.equal(a, b)  # insightface seeds all ranks alike; we must not
@@ -321,7 +320,7 @@ def _equal_batches_worker(rank, world):
 
 
 def test_equal_batches_skips_the_metadata_gather_with_the_same_result():
-    for default, trusted, err in run_world(2, _equal_batches_worker):
+    for default, trusted, err in run_ranks(2, _equal_batches_worker):
         assert default == trusted
         assert "equal_batches=True but the ranks passed batch sizes [1, 2]" in err
 
@@ -349,7 +348,7 @@ def _half_worker(rank, world):
 
 
 def test_fp16_within_tolerance_of_dense_reference():
-    for r in run_world(2, _half_worker):
+    for r in run_ranks(2, _half_worker):
         # fp16 keeps 11 mantissa bits: ~5e-4 relative per cosine, x s=64 ~0.03 per logit.
         assert abs(r["loss"] - r["ref"]) <= 0.01 * max(1.0, r["ref"]), r
         assert r["egrad"] <= 0.02 * r["egrad_ref"], r

@@ -48,7 +48,7 @@ def _env():
 
 
 def _tensors(path):
-    from hybrid_fc.checkpoint import load_file
+    from hybrid_fc.training.checkpoint import load_file
     out = []
 
     def walk(x):
@@ -73,13 +73,13 @@ def _clear_shm(ports):
 
 
 def test_sigkill_at_random_moments_then_the_same_command_is_bit_exact(tmp_path, shards):
-    from test_launch import _free_port
+    from harness import free_port
     seed = int(os.environ.get("HYBRID_FC_KILL_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     ports = []
 
     def start(out):
-        ports.append(str(_free_port()))
+        ports.append(str(free_port()))
         return subprocess.Popen(_command(tmp_path, shards, out, ports[-1]), cwd=tmp_path,
                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)

@@ -4,7 +4,6 @@ WebDataset shards made by hybrid_fc.data first; then a resume on one node at ano
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -12,13 +11,9 @@ import deepspeed  # noqa: F401  (conftest then builds DeepSpeed's JIT op once, u
 import pytest
 import torch
 
+from harness import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_path, dataset):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         LAUNCHER + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                     "--master_addr", "127.0.0.1", "--master_port", str(port)]
@@ -75,7 +70,7 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     assert "hybrid_fc: 2 ranks" in node0 and "fresh start" in node0
     assert "done at step 6" in node0
     run = tmp_path / "run"
-    from hybrid_fc.metrics import read_metrics
+    from hybrid_fc.training.metrics import read_metrics
     train_rows = read_metrics(str(run), "train")
     assert [r["step"] for r in train_rows] == [2, 4, 6]
     assert all(r["loss"] > 0 and r["img_s"] > 0 and r["lr"] > 0 for r in train_rows)
@@ -92,7 +87,7 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     # Resume on one node with one rank (the head's 24 classes resharded 2 -> 1), 6 -> 9 steps:
     # a longer schedule would jump the LR, so it is refused unless schedule.allow_change=true
     def resume(*extra):
-        return subprocess.run(LAUNCHER + ["--num_gpus", "1", "--master_port", str(_free_port())]
+        return subprocess.run(LAUNCHER + ["--num_gpus", "1", "--master_port", str(free_port())]
                               + _train_args(tmp_path, dataset, 9) + ["train.keep_last=1", *extra],
                               cwd=tmp_path, env=_env(), capture_output=True, text=True,
                               timeout=300)
@@ -158,13 +153,13 @@ def test_train_main_synthetic_source_verification_and_config_errors(tmp_path):
     zero at the last step, a checkpoint at the end only, verification of a .bin pair set every
     eval.every steps and at the end (on rank 0's output only), and errors naming the field or
     file."""
-    from test_engine_support import run_ranks
+    from harness import run_deepspeed_ranks
     from hybrid_fc.data import synthetic_pairs
     from hybrid_fc.evaluation import write_bin
     pairs = str(tmp_path / "pairs.bin")
     write_bin(pairs, *synthetic_pairs(16, 6, 20, size=8))
     out = str(tmp_path / "run")
-    results = run_ranks(2, _train_in_process, out, pairs)
+    results = run_deepspeed_ranks(2, _train_in_process, out, pairs)
     for rank, (steps, lr, errors, printed) in enumerate(results):
         assert steps == 8 and lr == 0.2 * (1 - 5 / 6) ** 2      # lr of the last step (index 7)
         assert "unknown override 'train.stepz'" in errors[0]
@@ -179,7 +174,7 @@ def test_train_main_synthetic_source_verification_and_config_errors(tmp_path):
             assert printed.count("verify [pairs] step") == 3, printed
         else:
             assert "verify [pairs]" not in printed
-    from hybrid_fc.metrics import read_metrics
+    from hybrid_fc.training.metrics import read_metrics
     verified = read_metrics(out, "verify")
     assert [(r["step"], r["set"]) for r in verified] == [(3, "pairs"), (6, "pairs"), (8, "pairs")]
     assert all(0 <= r["accuracy"] <= 1 and r["std"] >= 0 for r in verified)
@@ -197,7 +192,7 @@ def _train_webdataset(rank, world_size, dataset, out, steps, crash_after=None):
     import contextlib
     import io
     import train
-    from hybrid_fc.engine import HybridEngine
+    from hybrid_fc.training.engine import HybridEngine
     if crash_after is not None:  # the process dies right after this optimizer step
         real_step = HybridEngine.step
 
@@ -226,14 +221,14 @@ def test_same_size_resume_is_bit_exact(tmp_path, dataset):
     stream, torch's global generator and the LR schedule all come back. (Planted once each:
     not restoring the flip generator, or the loader's position, fails it; so did the
     DataLoader drawing its workers' base seed from torch's global generator at every start.)"""
-    from test_engine_support import run_ranks
-    from hybrid_fc.checkpoint import load_file
-    from hybrid_fc.metrics import read_metrics
+    from harness import run_deepspeed_ranks
+    from hybrid_fc.training.checkpoint import load_file
+    from hybrid_fc.training.metrics import read_metrics
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    run_ranks(2, _train_webdataset, dataset, straight, 7)
-    run_ranks(2, _train_webdataset, dataset, stopped, 7, 5)
+    run_deepspeed_ranks(2, _train_webdataset, dataset, straight, 7)
+    run_deepspeed_ranks(2, _train_webdataset, dataset, stopped, 7, 5)
     assert open(os.path.join(stopped, "latest")).read() == "global_step3"
-    run_ranks(2, _train_webdataset, dataset, stopped, 7)
+    run_deepspeed_ranks(2, _train_webdataset, dataset, stopped, 7)
     for name in ("backbone.pt", "head-rank00000.pt", "head-rank00001.pt"):
         a = load_file(os.path.join(straight, "global_step7", "hybrid", name))
         b = load_file(os.path.join(stopped, "global_step7", "hybrid", name))
@@ -262,8 +257,8 @@ def test_brace_pattern_sources_need_and_use_samples_per_epoch(dataset):
     """data.urls as a brace pattern (no manifest.json): the error names data.samples_per_epoch;
     given, the trainer's input streams read that many samples per epoch. The shipped configs
     point at make_shards' folders (manifest inside), so they run as shipped."""
-    from hybrid_fc.config import load_config
-    from hybrid_fc.trainer import InputStreams
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.trainer import InputStreams
     m = json.load(open(os.path.join(dataset, "manifest.json")))
     names = sorted(s["url"] for s in m["shards"])
     pattern = os.path.join(dataset, names[0][:-10] + "{" + names[0][-10:-4] + ".." +
@@ -285,7 +280,7 @@ def test_brace_pattern_sources_need_and_use_samples_per_epoch(dataset):
 def test_a_config_error_is_one_line_per_rank_not_a_traceback(tmp_path):
     """Under the deepspeed launcher a bad field is printed as one line naming it by each rank
     (it was a full traceback from every rank)."""
-    cmd = LAUNCHER + ["--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = LAUNCHER + ["--num_gpus", "2", "--master_port", str(free_port()),
                       os.path.join(ROOT, "launch", "train.py"), "--config",
                       os.path.join(ROOT, "launch", "configs", "quickstart.yaml"),
                       "--deepspeed_config", os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"),
@@ -300,7 +295,7 @@ def test_a_config_error_is_one_line_per_rank_not_a_traceback(tmp_path):
 
 def test_run_script_keeps_tracebacks_of_bugs_and_one_line_for_peers(capsys, monkeypatch):
     from hybrid_fc.collectives import RankFailed
-    from hybrid_fc.engine import run_script
+    from hybrid_fc.runtime import run_script
     monkeypatch.setenv("RANK", "3")
     monkeypatch.delenv("HYBRID_FC_TRACEBACK", raising=False)
 
@@ -331,7 +326,7 @@ def test_train_py_under_plain_python_and_torchrun(tmp_path, dataset):
     """launch/train.py without a launcher (one process: it used to fail looking for mpi4py)
     and under torchrun (2 ranks): both train, checkpoint, and print no per-rank deprecation
     warnings from DeepSpeed's collectives."""
-    from hybrid_fc.metrics import read_metrics
+    from hybrid_fc.training.metrics import read_metrics
     args = [os.path.join(ROOT, "launch", "train.py"), "--config",
             os.path.join(ROOT, "launch", "configs", "quickstart.yaml"), "--deepspeed_config",
             os.path.join(ROOT, "ds_configs", "cpu_zero1_fp32.json"), "model.input_size=16",
@@ -342,7 +337,7 @@ def test_train_py_under_plain_python_and_torchrun(tmp_path, dataset):
     for name, prefix, world in (
             ("python", [sys.executable], 1),
             ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port())], 2)):
+                          "--master_port", str(free_port())], 2)):
         out = tmp_path / name
         r = subprocess.run(prefix + args + [f"train.output_dir={out}"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
-"""metrics.jsonl: rows written by rank 0 only, read back by programs (hybrid_fc.metrics)."""
+"""metrics.jsonl: rows written by rank 0 only, read back by programs (hybrid_fc.training.metrics)."""
 import json
 
-from hybrid_fc.metrics import MetricsLog, read_metrics
+from hybrid_fc.training.metrics import MetricsLog, read_metrics
 
 
 def test_rows_round_trip_resume_duplicates_and_partial_line(tmp_path):

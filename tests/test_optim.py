@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hybrid_fc import ArcFace, PartialFC
-from hybrid_fc.optim import SparseAdamW, SparseSGD
+from hybrid_fc.head.optim import SparseAdamW, SparseSGD
 
 CASES = [(SparseSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
          (SparseSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.0, weight_decay=1e-2)),

@@ -8,16 +8,16 @@ import sys
 import pytest
 import torch
 
-from test_engine_support import run_ranks
+from harness import run_deepspeed_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _train_and_save(rank, world_size, out):
-    from hybrid_fc.checkpoint import save_checkpoint
+    from hybrid_fc.training.checkpoint import save_checkpoint
     from test_checkpoint import _build
-    from test_engine_support import batch
+    from tinynet import batch
     hybrid = _build(world_size, stage=2)
     x, y = batch(0, rank, 3, 11)
     hybrid.forward_backward(x, y)
@@ -30,7 +30,7 @@ def test_export_of_an_own_backbone_needs_and_uses_model_factory(tmp_path):
     """Bugs caught: "no saved model config" with no way out, and an empty output folder left
     by the failed export."""
     run = str(tmp_path / "run")
-    (trained,) = run_ranks(1, _train_and_save, run)
+    (trained,) = run_deepspeed_ranks(1, _train_and_save, run)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")]))
     export = [sys.executable, os.path.join(ROOT, "launch", "export.py"), "--checkpoint", run]
@@ -39,10 +39,10 @@ def test_export_of_an_own_backbone_needs_and_uses_model_factory(tmp_path):
                        timeout=300)
     assert r.returncode != 0 and "--model module:factory" in r.stderr, r.stderr[-2000:]
     assert not out.exists()
-    r = subprocess.run(export + ["--out", str(out), "--model", "test_engine_support:nowhere"],
+    r = subprocess.run(export + ["--out", str(out), "--model", "tinynet:nowhere"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "has no attribute 'nowhere'" in r.stderr
-    r = subprocess.run(export + ["--out", str(out), "--model", "test_engine_support:TinyNet"],
+    r = subprocess.run(export + ["--out", str(out), "--model", "tinynet:TinyNet"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = torch.load(out / "backbone.pt", weights_only=True)
@@ -50,9 +50,9 @@ def test_export_of_an_own_backbone_needs_and_uses_model_factory(tmp_path):
     assert all(torch.equal(saved[k], trained[k]) for k in trained)
     # eval.py / extract.py load through the same function
     sys.path.insert(0, TESTS)
-    from hybrid_fc.export import load_for_inference
-    model, cfg = load_for_inference(run, model="test_engine_support:TinyNet")
-    assert cfg["backbone"] == "test_engine_support:TinyNet"
+    from hybrid_fc.evaluation.export import load_for_inference
+    model, cfg = load_for_inference(run, model="tinynet:TinyNet")
+    assert cfg["backbone"] == "tinynet:TinyNet"
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="expected module:factory"):
         load_for_inference(run, model="TinyNet")

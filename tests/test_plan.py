@@ -1,4 +1,4 @@
-"""The memory planner (hybrid_fc.plan, launch/plan.py) against measured peaks and by hand."""
+"""The memory planner (hybrid_fc.training.plan, launch/plan.py) against measured peaks and by hand."""
 import json
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from hybrid_fc.plan import (PlanInput, backbone_footprint, from_deepspeed_config, parse_bytes,
+from hybrid_fc.training.plan import (PlanInput, backbone_footprint, from_deepspeed_config, parse_bytes,
                             parse_count, plan)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_planned_head_bytes_match_measured_peak(weight, state, chunk, classes):
     """benchmarks/head_bench.py measures the head's peak (CPU: peak RSS minus the RSS just
     before the head is built, with glibc returning freed blocks, --exact-rss; CUDA: peak
-    allocated) and reports hybrid_fc.plan's figure for the same head: within 10%."""
+    allocated) and reports hybrid_fc.training.plan's figure for the same head: within 10%."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "head_bench.py"),
            "--classes", str(classes), "--dim", "64", "--batch", "64", "--world-size", "1",
            "--steps", "1", "--warmup", "2", "--skip-baseline", "--exact-rss",

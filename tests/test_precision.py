@@ -1,4 +1,4 @@
-"""bf16 class centers with stochastic rounding and 8-bit optimizer state (hybrid_fc.precision).
+"""bf16 class centers with stochastic rounding and 8-bit optimizer state (hybrid_fc.head.precision).
 
 References are written here in float64, independently of the library's arithmetic: the bf16
 neighbours of a value from its binary exponent, the 8-bit codes from their definitions. The
@@ -10,10 +10,10 @@ import torch
 
 from hybrid_fc import ArcFace, PartialFC
 from hybrid_fc.head import init_class_centers
-from hybrid_fc.optim import SparseAdamW, SparseSGD
-from hybrid_fc.precision import decode_rows, encode_rows, round_to_bf16, rounding_bits
-from tests._dist import run_world
-from tests.reference import dense_margin_ce
+from hybrid_fc.head.optim import SparseAdamW, SparseSGD
+from hybrid_fc.head.precision import decode_rows, encode_rows, round_to_bf16, rounding_bits
+from harness import run_ranks
+from reference import dense_margin_ce
 
 
 # -- float64 references ------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def test_bf16_head_matches_dense_reference(world):
     rows' gradient is rounded to bf16, so gradients are within ~2^-8 of their scale."""
     for sparse, chunk, emb_dtype in [(True, None, torch.float32), (False, 5, torch.float32),
                                      (True, None, torch.bfloat16)]:
-        for r in run_world(world, _bf16_head_worker, sparse, chunk, emb_dtype):
+        for r in run_ranks(world, _bf16_head_worker, sparse, chunk, emb_dtype):
             cfg = (sparse, chunk, emb_dtype)
             tol = 2e-5 if emb_dtype == torch.float32 else 1e-2   # bf16 matmuls: 2^-8 relative
             assert abs(r["loss"] - r["ref"]) <= tol * max(1.0, abs(r["ref"])), (cfg, r["loss"], r["ref"])

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from hybrid_fc.checkpoint import CheckpointError, load_file
-from hybrid_fc.export import export_class_centers, load_backbone_weights
+from hybrid_fc.training.checkpoint import CheckpointError, load_file
+from hybrid_fc.evaluation.export import export_class_centers, load_backbone_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +95,7 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path):
         load_file(str(tmp_path / "missing.pt"))
     run, hdir = _run_dir(tmp_path)
     (hdir / "meta.json").write_text("{not json")
-    from hybrid_fc.checkpoint import read_meta
+    from hybrid_fc.training.checkpoint import read_meta
     with pytest.raises(CheckpointError, match=r"meta\.json: not valid JSON"):
         read_meta(str(run), "global_step1")
 
@@ -108,9 +108,9 @@ def _resume_crafted(rank, world_size, ckdir, marker):
     import deepspeed
 
     from hybrid_fc import ArcFace, PartialFC
-    from hybrid_fc.checkpoint import load_checkpoint, save_checkpoint
-    from hybrid_fc.engine import HybridEngine
-    from test_engine_support import TinyNet, ds_config
+    from hybrid_fc.training.checkpoint import load_checkpoint, save_checkpoint
+    from hybrid_fc.training.engine import HybridEngine
+    from tinynet import ds_config, TinyNet
     net = TinyNet()
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
                                       config=ds_config(1, micro=2, world_size=world_size))
@@ -139,9 +139,9 @@ def _resume_crafted(rank, world_size, ckdir, marker):
 
 
 def test_resume_refuses_crafted_files_and_save_refuses_inf(tmp_path):
-    from test_engine_support import run_ranks
+    from harness import run_deepspeed_ranks
     marker = tmp_path / "pwned"
-    (errors,) = run_ranks(1, _resume_crafted, str(tmp_path / "ck"), str(marker))
+    (errors,) = run_deepspeed_ranks(1, _resume_crafted, str(tmp_path / "ck"), str(marker))
     assert len(errors) == 4 and "backbone.pt: refused" in errors[0]
     assert "head-rank00000.pt: refused" in errors[1]
     assert not marker.exists()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import pytest
 
-from test_engine_support import free_port
+from harness import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_quickstart_short_trains_verifies_and_checkpoints(quickstart):
     out, stdout = quickstart
     assert "hybrid_fc: 2 ranks" in stdout and "fresh start" in stdout
     assert "loss " in stdout and "over steps 2..8" in stdout      # its own "did the loss fall"
-    from hybrid_fc.metrics import read_metrics
+    from hybrid_fc.training.metrics import read_metrics
     train = read_metrics(str(out), "train")
     assert [r["step"] for r in train] == [2, 4, 6, 8] and train[-1]["loss"] < train[0]["loss"]
     verify = read_metrics(str(out), "verify")
@@ -94,7 +94,7 @@ def test_export_extract_eval_command_lines(quickstart, tmp_path):
                       "--checkpoint", str(run), "--pairs", str(run / "heldout_pairs.bin"),
                       "--json", str(tmp_path / "r.json")], cwd=tmp_path)
     (result,) = json.loads((tmp_path / "r.json").read_text())
-    from hybrid_fc.metrics import read_metrics
+    from hybrid_fc.training.metrics import read_metrics
     final = read_metrics(str(run), "verify")[-1]
     assert result["name"] == "heldout_pairs" and result["num_pairs"] == 40
     assert result["accuracy"] == final["accuracy"] and result["threshold"] == final["threshold"]
@@ -150,7 +150,7 @@ def test_quickstart_heldout_pairs_are_not_saturated():
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import quickstart as qs
     from hybrid_fc.backbones import build_backbone
-    from hybrid_fc.config import load_config
+    from hybrid_fc.training.config import load_config
     from hybrid_fc.data import synthetic_pairs
     from hybrid_fc.evaluation import evaluate, load_pair_set, write_bin
     import tempfile

@@ -1,9 +1,9 @@
 """The Triton backend of PartialFC, run by Triton's CPU interpreter (TRITON_INTERPRET=1), against
 the torch backend and the dense float64 reference on 1-3 gloo ranks.
 
-TRITON_INTERPRET is read when a kernel is decorated, i.e. when hybrid_fc.kernels.triton_ce (or
+TRITON_INTERPRET is read when a kernel is decorated, i.e. when hybrid_fc.head.kernels.triton_ce (or
 triton.language's own helpers, when triton itself) is imported. The ranks are fresh interpreters
-started with it set (run_world below): the pytest process itself never sets it, so other tests
+started with it set (run_interpreted below): the pytest process itself never sets it, so other tests
 neither see it nor depend on whether triton was imported before (torch._dynamo imports it in
 compiled mode, and a forked rank would inherit that). Shapes are tiny (the interpreter runs Python per
 program instance) and the tiles are 16 wide so that they still split into several blocks.
@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from hybrid_fc import ArcFace, CombinedMarginLoss, CosFace, PartialFC
-from hybrid_fc import kernels
+from hybrid_fc.head import kernels
 from hybrid_fc.collectives import all_gather_varlen
 from hybrid_fc.head import init_class_centers
-from tests._dist import run_world as _run_world
+from harness import run_ranks
 
 
-def run_world(*args, **kw):
+def run_interpreted(*args, **kw):
     """Fresh interpreters with TRITON_INTERPRET=1 set before triton is imported."""
-    return _run_world(*args, fresh_env={"TRITON_INTERPRET": "1"}, **kw)
-from tests.reference import dense_margin_ce
+    return run_ranks(*args, spawn=True, env={"TRITON_INTERPRET": "1"}, **kw)
+from reference import dense_margin_ce
 
 # 37 classes: uneven over 2 and 3 ranks, and 3 column blocks of 16 (the last ragged) on one.
 # D = 20: not a multiple of the 16-wide D tiles (masked tail).
@@ -52,10 +52,10 @@ def _interpreted(**tiles):
     """In a forked rank: TRITON_INTERPRET=1, and the kernel module decorated under it (its entry
     points counted in CALLS, so that a silent fallback to torch would fail the tests)."""
     os.environ["TRITON_INTERPRET"] = "1"
-    mod = sys.modules.get("hybrid_fc.kernels.triton_ce")
+    mod = sys.modules.get("hybrid_fc.head.kernels.triton_ce")
     if mod is not None and not mod.INTERPRETED:
         importlib.reload(mod)
-    from hybrid_fc.kernels import triton_ce
+    from hybrid_fc.head.kernels import triton_ce
     assert triton_ce.INTERPRETED
     triton_ce.BLOCKS.update(TILES, **tiles)
     for name in CALLS:
@@ -135,7 +135,7 @@ EXACT_CONFIGS = [("arc", False, 2), ("arc", True, 64), ("arc_st", True, 2), ("co
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_triton_matches_torch_and_dense_reference(world):
-    results = run_world(world, _exact_worker, EXACT_CONFIGS)
+    results = run_interpreted(world, _exact_worker, EXACT_CONFIGS)
     for per_rank in zip(*results):
         assert len({r["loss"] for r in per_rank}) == 1, per_rank  # same loss on every rank
         for r in per_rank:
@@ -194,7 +194,7 @@ def _sampled_worker(rank, world, sample_rate):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_triton_sampled_matches_reference_over_sampled_classes(world):
-    for r in run_world(world, _sampled_worker, 0.5):
+    for r in run_interpreted(world, _sampled_worker, 0.5):
         assert r["num_sample"] < r["num_local"] and r["n_sampled"] < C, r
         assert abs(r["loss"] - r["ref"]) <= 2e-5 * max(1.0, r["ref"]), r
         assert abs(r["loss"] - r["torch_loss"]) <= 1e-5 * max(1.0, r["ref"]), r
@@ -246,7 +246,7 @@ LOW_CONFIGS = [(torch.bfloat16, torch.float32, 1.0), (torch.float16, torch.float
 
 
 def test_triton_low_precision_within_tolerance_of_dense_reference():
-    for per_rank in run_world(2, _low_precision_worker, LOW_CONFIGS):
+    for per_rank in run_interpreted(2, _low_precision_worker, LOW_CONFIGS):
         for r in per_rank:
             half = "float16" in r["cfg"][0]
             for backend in ("torch", "triton"):
@@ -285,7 +285,7 @@ def _many_blocks_worker(rank, world):
 
 
 def test_triton_many_blocks_and_splits_match_torch():
-    for loss_err, e_err, w_err in run_world(1, _many_blocks_worker)[0]:
+    for loss_err, e_err, w_err in run_interpreted(1, _many_blocks_worker)[0]:
         assert loss_err <= 1e-5 and e_err <= 1e-5 and w_err <= 1e-5, (loss_err, e_err, w_err)
 
 
@@ -325,9 +325,9 @@ def test_forced_triton_without_triton_raises(monkeypatch):
 def _import_order_worker(rank, world):
     """The module imported before TRITON_INTERPRET=1 was set holds GPU kernels: a clear error."""
     os.environ.pop("TRITON_INTERPRET", None)
-    mod = sys.modules.get("hybrid_fc.kernels.triton_ce")
+    mod = sys.modules.get("hybrid_fc.head.kernels.triton_ce")
     if mod is None:
-        importlib.import_module("hybrid_fc.kernels.triton_ce")
+        importlib.import_module("hybrid_fc.head.kernels.triton_ce")
     elif mod.INTERPRETED:
         importlib.reload(mod)
     os.environ["TRITON_INTERPRET"] = "1"
@@ -340,5 +340,5 @@ def _import_order_worker(rank, world):
 
 
 def test_kernels_imported_before_the_interpreter_flag_raise_clearly():
-    msg, = run_world(1, _import_order_worker)
+    msg, = run_interpreted(1, _import_order_worker)
     assert "imported without TRITON_INTERPRET=1" in msg, msg

@@ -10,10 +10,12 @@ Importing this package has no side effects; the s3:// handler is registered by m
 `register_s3_handler()`).
 """
 from .decode import augment, available_decoders, make_decoder
+from ..common import stable_seed
 from .loader import (Manifest, ShardError, ShardLoader, check_shards, load_manifest,
-                     make_loader, stable_seed)
+                     make_loader)
 from .recordio import IRHeader, RecordIOError, RecordIOFile, unpack_record
-from .shards import ConvertPlan, convert, parse_size
+from ..common import parse_size
+from .shards import ConvertPlan, convert
 from .sources import FolderSource, ListSource, RecordIOSource, SourceError, open_source
 from .storage import register_s3_handler
 from .synthetic import (SyntheticSource, encode_jpeg, make_synthetic, synthetic_image,

@@ -20,7 +20,6 @@ Guarantees
 * `check_shards` (run by make_loader on every rank) opens shards before training, so a wrong
   path, endpoint or credential is an error within seconds, not an endless retry loop.
 """
-import hashlib
 import itertools
 import json
 import logging
@@ -36,12 +35,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..common import split_span, stable_seed
 from .decode import fit_size, make_decoder
 from .tario import TarError, iter_tar
 from .storage import (endpoint_of, is_remote, join_url, open_read, read_manifest_text,
                       register_s3_handler)
 
-__all__ = ["stable_seed", "ShardError", "Manifest", "load_manifest", "check_shards",
+__all__ = ["ShardError", "Manifest", "load_manifest", "check_shards",
            "make_loader", "ShardLoader", "epoch_shards", "split_by_rank", "split_by_worker"]
 
 log = logging.getLogger(__name__)
@@ -227,11 +227,6 @@ def check_shards(urls: Sequence[str], *, timeout: float = 10.0, max_remote: int 
 
 
 # --- pipeline stages (run in the DataLoader workers) -------------------------------------------
-
-def stable_seed(*parts) -> int:
-    """A 64-bit seed from any tuple of ints/strings, stable across processes and runs."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
 
 def epoch_shards(urls: Sequence[str], seed: int, epoch: int) -> Iterator[str]:
     """Infinite stream: a seeded permutation of all URLs, then another, ... (per epoch)."""
@@ -616,8 +611,9 @@ class ShardLoader:
     def _run(self, total: int, done: int):
         nw = self.cfg["num_workers_logical"]
         rotation = done % nw
-        share = [total // nw + (w < total % nw) for w in range(nw)]
-        taken = [done // nw + (w < done % nw) for w in range(nw)]
+        # batch k goes to logical worker k % nw: worker w's count is the length of piece w
+        share = [len(range(*split_span(total, w, nw))) for w in range(nw)]
+        taken = [len(range(*split_span(done, w, nw))) for w in range(nw)]
         # indexed by logical worker; _RankStream maps physical worker ids onto them
         remaining = [share[w] - taken[w] for w in range(nw)]
         dataset = _RankStream(dict(self.cfg, epoch=self.epoch), rotation, remaining,

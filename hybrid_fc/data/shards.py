@@ -21,7 +21,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import threading
 import time
@@ -33,10 +32,11 @@ import numpy as np
 
 from webdataset import TarWriter
 
+from ..common import parse_size
 from .sources import Source, SourceError, open_source
 from .storage import OutputDir
 
-__all__ = ["ConvertPlan", "convert", "parse_size", "sniff_image", "stable_permutation",
+__all__ = ["ConvertPlan", "convert", "sniff_image", "stable_permutation",
            "MANIFEST", "KEY_DIGITS", "sample_key", "shard_name"]
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,6 @@ def sample_key(index: int) -> str:
 
 def shard_name(i: int) -> str:
     return f"shard-{i:06d}.tar"
-
-
-def parse_size(text: Union[str, int]) -> int:
-    """'256MB' / '1.5GiB' / '4096' -> bytes (K/M/G are powers of 1024 either way)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", str(text).lower())
-    if not m:
-        raise ValueError(f"shard size {text!r}: expected a number with an optional KB/MB/GB unit")
-    value = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ")
-    if value < 1:
-        raise ValueError(f"shard size {text!r} must be at least 1 byte")
-    return int(value)
 
 
 def sniff_image(data: bytes) -> Optional[str]:
@@ -224,7 +211,8 @@ def convert(source: Union[str, Source], out: str, *, shard_size: Union[str, int]
                 if stray:
                     raise SourceError(f"{out} already holds shards ({stray[:3]}...) but no "
                                       f"conversion plan; use an empty --out directory")
-            plan = _make_plan(src, parse_size(shard_size), samples_per_shard, shuffle_seed)
+            plan = _make_plan(src, parse_size(shard_size, "shard size"), samples_per_shard,
+                              shuffle_seed)
             outdir.write_text(PLAN, json.dumps(asdict(plan), indent=1))
         removed = outdir.remove_stale_temps()
         records = {}

@@ -17,7 +17,7 @@ Protocol (insightface's eval/verification.py, reimplemented without MXNet or skl
     resolve FAR = 1e-3, not 1e-4).
 
 Distribution: rank r of W decodes and embeds the contiguous slice [N r // W ... ) of the images
-(the partition.py split), every rank runs the same number of forward calls (ZeRO-3 gathers
+(hybrid_fc.common.split_span), every rank runs the same number of forward calls (ZeRO-3 gathers
 parameters inside forward, so a rank that stopped early would hang the others), and the
 embeddings are all-gathered in rank order; every rank then computes the same metrics. The
 result on W ranks equals the result on 1 rank up to float summation order inside the backbone
@@ -37,10 +37,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..common import split_span
+
 __all__ = ["BinFileError", "PairSet", "load_bin", "write_bin", "load_pair_list",
-           "load_pair_set", "image_span", "decode_images", "embed_images", "embed_pair_set",
+           "load_pair_set", "decode_images", "embed_images", "embed_pair_set",
            "kfold_folds", "kfold_accuracy", "tar_at_far", "verification_metrics",
-           "VerificationResult", "evaluate", "format_table", "VerificationHook"]
+           "VerificationResult", "evaluate", "format_table", "VerificationHook",
+           "build_verification"]
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +194,6 @@ def load_pair_set(path: str) -> PairSet:
 
 
 # -- embedding ------------------------------------------------------------------------------------
-def image_span(n: int, rank: int, world_size: int) -> Tuple[int, int]:
-    """[lo, hi) of n items owned by `rank`: partition.py's uneven split (first n % W ranks get
-    one more), allowing ranks with nothing when n < W."""
-    base, rem = divmod(n, world_size)
-    lo = base * rank + min(rank, rem)
-    return lo, lo + base + (1 if rank < rem else 0)
-
-
 def decode_images(images: Sequence[bytes], image_size: int, where: str = "images",
                   first_index: int = 0) -> torch.Tensor:
     """Encoded images -> uint8 (n, 3, S, S). Off-size images are resized (bilinear), as
@@ -292,7 +287,7 @@ def embed_pair_set(model, pairs: PairSet, image_size: int, *, batch_size: int = 
     if world > 1:
         sync_buffers(_unwrap(model), group)
     n = 2 * pairs.num_pairs
-    lo, hi = image_span(n, rank, world)
+    lo, hi = split_span(n, rank, world)
     error = None
     if decoded is None:
         try:
@@ -300,7 +295,7 @@ def embed_pair_set(model, pairs: PairSet, image_size: int, *, batch_size: int = 
                                     first_index=lo)
         except BinFileError as exc:
             error, decoded = exc, torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
-    per_rank = [image_span(n, r, world) for r in range(world)]
+    per_rank = [split_span(n, r, world) for r in range(world)]
     sizes = [h - lo_ for lo_, h in per_rank]
     # Every rank runs the same number of forward calls, also one whose decode failed.
     emb, norm = embed_images(model, decoded, batch_size, flip,
@@ -332,7 +327,7 @@ def kfold_folds(n: int, nfolds: int = 10) -> List[Tuple[int, int]]:
     """Contiguous [lo, hi) test folds: sklearn KFold(nfolds, shuffle=False)'s split."""
     if nfolds < 2 or n < nfolds:
         raise ValueError(f"nfolds={nfolds}: needs 2 <= nfolds <= number of pairs ({n})")
-    return [image_span(n, k, nfolds) for k in range(nfolds)]
+    return [split_span(n, k, nfolds) for k in range(nfolds)]
 
 
 def _correct_counts(dist: np.ndarray, same: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -467,7 +462,7 @@ class VerificationHook:
     A call puts the backbone in eval mode, embeds the slice with flip TTA, all-gathers, computes
     the metrics on every rank, restores the mode, logs one line per set on rank 0 (and
     `verify/<set>/accuracy` etc. to `writer`, a TensorBoard SummaryWriter, and a "verify" row
-    to `record`, a hybrid_fc.metrics sink, when given), and
+    to `record`, a hybrid_fc.training.metrics sink, when given), and
     returns {set name: VerificationResult}. `best` keeps the highest accuracy seen per set.
     """
 
@@ -487,7 +482,7 @@ class VerificationHook:
         self.flip, self.nfolds, self.group, self.writer = flip, nfolds, group, writer
         self.rank, self.world = group_rank(group), group_size(group)
         self.print_fn = print_fn or (lambda s: print(s, flush=True))
-        self.record = record  # record("verify", **fields): a metrics sink (hybrid_fc.metrics)
+        self.record = record  # record("verify", **fields): a metrics sink (hybrid_fc.training.metrics)
         self.sets: List[PairSet] = []
         self.decoded: List[torch.Tensor] = []
         self.best: Dict[str, float] = {}
@@ -498,7 +493,7 @@ class VerificationHook:
                 if pairs.num_pairs < nfolds:
                     raise BinFileError(f"{path}: {pairs.num_pairs} pairs, fewer than "
                                        f"nfolds={nfolds}")
-                lo, hi = image_span(len(pairs.images), self.rank, self.world)
+                lo, hi = split_span(len(pairs.images), self.rank, self.world)
                 self.decoded.append(decode_images(pairs.images[lo:hi], self.image_size,
                                                   where=path, first_index=lo))
                 pairs.images = []  # only the decoded slice is kept
@@ -547,3 +542,17 @@ class VerificationHook:
                             self.writer.add_scalar(f"verify/{pairs.name}/tar@far={f:g}", v,
                                                    step)
         return results
+
+
+def build_verification(cfg, log) -> Optional[VerificationHook]:
+    """The trainer's periodic verification of cfg.eval.bins (pass it as
+    `Trainer(..., verification=build_verification)`), or None without eval.bins. Every rank
+    embeds its slice of each pair set, BatchNorm statistics averaged over the ranks first;
+    results go to `log`'s TensorBoard writer, printed lines and metrics.jsonl rows. Reads and
+    decodes the pair files now, so a bad file fails before training."""
+    if not cfg.eval.bins:
+        return None
+    return VerificationHook(cfg.eval.bins, every=cfg.eval.every, image_size=cfg.model.input_size,
+                            batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
+                            writer=log.writer, print_fn=log.metrics.log,
+                            record=log.metrics.record)

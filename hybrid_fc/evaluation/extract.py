@@ -20,6 +20,8 @@ from typing import Iterator, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..common import split_span
+
 __all__ = ["IMAGE_EXTENSIONS", "list_folder", "iter_shard_samples", "extract_embeddings"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -68,11 +70,10 @@ def iter_shard_samples(url: str) -> Iterator[Tuple[str, bytes, int]]:
 
 def _rank_items(source: Union[str, Sequence[str]], rank: int, world: int):
     """This rank's contiguous block of the input, as an iterator of (key, bytes, label)."""
-    from hybrid_fc.evaluation import image_span
     if isinstance(source, str) and os.path.isdir(source) and \
             not os.path.isfile(os.path.join(source, "manifest.json")):
         files = list_folder(source)
-        lo, hi = image_span(len(files), rank, world)
+        lo, hi = split_span(len(files), rank, world)
 
         def folder_items():
             for key, full in files[lo:hi]:
@@ -81,7 +82,7 @@ def _rank_items(source: Union[str, Sequence[str]], rank: int, world: int):
         return folder_items()
     from hybrid_fc.data import load_manifest
     urls = load_manifest(source).urls
-    lo, hi = image_span(len(urls), rank, world)
+    lo, hi = split_span(len(urls), rank, world)
 
     def shard_items():
         for url in urls[lo:hi]:
@@ -95,7 +96,7 @@ def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image
     brace pattern or a list of URLs) and write `out` (.npy), its keys and labels files.
     Collective over `group`; returns the number of images."""
     from hybrid_fc.collectives import comm_device, gather_batch_meta, group_rank, group_size
-    from hybrid_fc.evaluation import decode_images, embed_images
+    from .verification import decode_images, embed_images
     if not out.endswith(".npy"):
         raise ValueError(f"out must be a .npy path, got {out!r}")
     rank, world = group_rank(group), group_size(group)

@@ -1,22 +1,23 @@
 """PartialFC: the model-parallel sampled margin-softmax head.
 
-Each rank owns a contiguous slice of the C class centers (hybrid_fc.partition). One step:
+Each rank owns a contiguous slice of the C class centers (hybrid_fc.head.partition). One step:
   1. all-gather the batch sizes and input checks (one tiny collective, one host sync),
   2. normalize the local embeddings and all-gather them (backward: reduce-scatter),
   3. all-gather the labels, sample this shard's rows (all local positives + random negatives),
   4. score against the sampled, normalized centers with the margin on the target logit and a
-     cross-rank log-sum-exp (hybrid_fc.collectives), giving the mean loss of the global batch.
+     cross-rank log-sum-exp (hybrid_fc.head.loss), giving the mean loss of the global batch.
 """
-import hashlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..collectives import (all_gather_rows, all_gather_varlen, comm_device, gather_batch_meta,
+                           group_rank, group_size, scale_grad)
+from ..common import stable_seed
 from . import kernels
-from .collectives import (all_gather_rows, all_gather_varlen, comm_device, gather_batch_meta,
-                          group_rank, group_size, scale_grad, sharded_margin_softmax_ce)
+from .loss import sharded_margin_softmax_ce
 from .margins import MarginBase
 from .partition import ClassRange
 from .precision import WEIGHT_DTYPES, parse_dtype
@@ -50,11 +51,6 @@ def _dtype_name(code: int) -> str:
     return str(_DTYPES[code]) if code < len(_DTYPES) else "another dtype"
 
 
-def _seed_for(*parts) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0.01,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows [start, end) of a (C, dim) N(0, std^2) matrix that does not depend on the sharding.
@@ -67,7 +63,7 @@ def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0
     out = torch.empty(end - start, dim, dtype=dtype)
     first, last = start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK
     for blk in range(first, last + 1):
-        g = torch.Generator().manual_seed(_seed_for("init", seed, blk))
+        g = torch.Generator().manual_seed(stable_seed("init", seed, blk))
         lo, hi = blk * _INIT_BLOCK, (blk + 1) * _INIT_BLOCK
         a, b = max(lo, start), min(hi, end)
         # Always draw the whole block: torch's normal_ output depends on the tensor's size.
@@ -80,7 +76,7 @@ class PartialFC(nn.Module):
     """Model-parallel Partial FC head (sampled ArcFace/CosFace softmax over sharded classes).
 
     Args:
-      margin_loss: an ArcFace / CosFace / CombinedMarginLoss (hybrid_fc.margins).
+      margin_loss: an ArcFace / CosFace / CombinedMarginLoss (hybrid_fc.head.margins).
       embedding_size: D, the embedding width.
       num_classes: C, all classes over all ranks (>= world size).
       sample_rate: fraction of each shard's centers scored per step, in (0, 1]; all positives
@@ -88,7 +84,7 @@ class PartialFC(nn.Module):
       process_group: the ranks the classes are split over (default: the world, or a single
         process when torch.distributed is not initialized).
       sparse_grad: `weight.grad` is a sparse COO tensor over the sampled rows (memory O(S*D);
-        use with hybrid_fc.optim) instead of a dense (num_local, D) tensor (works with any
+        use with hybrid_fc.head.optim) instead of a dense (num_local, D) tensor (works with any
         torch optimizer).
       chunk_size: score the sampled rows in blocks of this many and recompute each block's
         logits in backward, so the (B*W, S) logits never exist at once (one extra matmul).
@@ -103,11 +99,11 @@ class PartialFC(nn.Module):
       weight_dtype: storage of the class centers: torch.float32 (default; exact) or
         torch.bfloat16 (2 bytes per element and no fp32 master copy; the sampled rows'
         gradient and the kept exponentials are bf16 too). Update a bf16 head with
-        hybrid_fc.optim's SparseSGD / SparseAdamW, which compute in fp32 and write back with
+        hybrid_fc.head.optim's SparseSGD / SparseAdamW, which compute in fp32 and write back with
         stochastic rounding (torch's optimizers would round every update to nearest and lose
         the ones below bf16's spacing).
       backend: "auto" (default), "torch" or "triton". triton: the fused kernels of
-        hybrid_fc.kernels.triton_ce score the sampled rows tile by tile and never hold the
+        hybrid_fc.head.kernels.triton_ce score the sampled rows tile by tile and never hold the
         (B*W, S) logits (chunk_size then only sizes the blocks of the rows' gradient
         projection); needs the `triton` extra and CUDA tensors (or CPU tensors under
         TRITON_INTERPRET=1, for tests), and raises where it cannot run. auto: torch for now;
@@ -116,7 +112,7 @@ class PartialFC(nn.Module):
 
     Precision: embeddings in bf16/fp16 make the matmuls run in that precision; normalization of
     the centers, softmax statistics, loss and the accumulation of gradients are fp32.
-    `weight.row_offset` (= class_start) tells hybrid_fc.optim the global class id of row 0.
+    `weight.row_offset` (= class_start) tells hybrid_fc.head.optim the global class id of row 0.
     """
 
     def __init__(self, margin_loss: MarginBase, embedding_size: int, num_classes: int,
@@ -127,7 +123,7 @@ class PartialFC(nn.Module):
         super().__init__()
         if not isinstance(margin_loss, MarginBase):
             raise TypeError("margin_loss must be an ArcFace, CosFace or CombinedMarginLoss "
-                            f"from hybrid_fc.margins, got {type(margin_loss).__name__}")
+                            f"from hybrid_fc.head.margins, got {type(margin_loss).__name__}")
         if not isinstance(embedding_size, int) or embedding_size < 1:
             raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -160,7 +156,7 @@ class PartialFC(nn.Module):
         weight = init_class_centers(self.class_start, self.class_range.end, embedding_size, seed,
                                     dtype=weight_dtype)
         self.weight = nn.Parameter(weight.to(device) if device is not None else weight)
-        self.weight.row_offset = self.class_start  # global class id of row 0 (hybrid_fc.optim)
+        self.weight.row_offset = self.class_start  # global class id of row 0 (hybrid_fc.head.optim)
         self._generator: Optional[torch.Generator] = None
 
     def extra_repr(self):
@@ -180,7 +176,7 @@ class PartialFC(nn.Module):
         device = self.weight.device
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(_seed_for("sampler", self.seed, self.rank))
+            self._generator.manual_seed(stable_seed("sampler", self.seed, self.rank))
         return self._generator
 
     def rng_state(self) -> dict:

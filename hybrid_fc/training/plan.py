@@ -1,7 +1,7 @@
 """Memory planner: what one rank holds for a head of C classes beside a ZeRO backbone.
 
 Pure arithmetic over shapes and dtypes (no torch.distributed, no allocation), so it runs on a
-laptop for a 300M-class job and in launch/train.py before anything large is built. Rank 0 is
+laptop for a 300M-class job and in the trainer before anything large is built. Rank 0 is
 planned: it owns the most classes (ceil(C / W)). Every line mirrors what the code allocates:
 
 head, held all run long
@@ -28,51 +28,24 @@ reserve                   CUDA context, NCCL buffers, allocator slack (a fixed a
 N = micro batch x W (the gathered global batch), S = max(sample_rate x L, min(N, L)) sampled rows
 (all positives of the batch may land on one shard).
 """
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .head import auto_block_elems
-from .optim import _ROW_BLOCK_ELEMS
-from .sampler import num_sample_for
+from ..common import format_bytes, parse_count, parse_size
+from ..head.optim import HEAD_OPTIMIZERS, ROW_BLOCK_ELEMS
+from ..head.partial_fc import auto_block_elems
+from ..head.partition import ClassRange
+from ..head.precision import STATE_DTYPES, WEIGHT_DTYPES, dtype_bytes, dtype_names
+from ..head.sampler import num_sample_for
 
 __all__ = ["PlanInput", "Plan", "plan", "plan_experiment", "parse_count", "parse_bytes",
            "format_bytes", "from_deepspeed_config", "backbone_footprint"]
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-               "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
-               "tib": 2 ** 40}
-_COUNT_UNITS = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9}
-
-
-def parse_count(text) -> int:
-    """'300M' -> 300_000_000; '2.5k' -> 2500; plain integers pass through."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*", str(text).lower())
-    if not m:
-        raise ValueError(f"not a count: {text!r} (e.g. 300000000, 300M, 2.5k)")
-    value = float(m.group(1)) * _COUNT_UNITS[m.group(2)]
-    if value != int(value):
-        raise ValueError(f"not a whole count: {text!r}")
-    return int(value)
-
-
 def parse_bytes(text) -> int:
-    """'80GB' -> 80e9 bytes (decimal), '80GiB' -> 80 x 2^30; plain numbers are bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(text).lower())
-    if not m or m.group(2) not in _SIZE_UNITS:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 80GB, 80GiB, 24e9)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / 1e9:,.2f} GB"
+    """A memory size (hybrid_fc.common.parse_size: 80GB = 80e9 bytes, 80GiB = 80 x 2^30)."""
+    return parse_size(text, "memory size")
 
 
 @dataclass(frozen=True)
@@ -130,14 +103,12 @@ class PlanInput:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
-        if self.weight_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"weight_dtype must be float32 or bfloat16, got {self.weight_dtype!r}")
-        if self.state_dtype not in _BYTES:
-            raise ValueError(f"state_dtype must be one of {', '.join(_BYTES)}, "
-                             f"got {self.state_dtype!r}")
-        if self.head_optimizer not in ("sgd", "adamw", "sparse_sgd", "sparse_adamw"):
-            raise ValueError(f"head_optimizer must be sgd, adamw, sparse_sgd or sparse_adamw, "
-                             f"got {self.head_optimizer!r}")
+        for name, choices in (("weight_dtype", dtype_names(WEIGHT_DTYPES)),
+                              ("state_dtype", dtype_names(STATE_DTYPES)),
+                              ("head_optimizer", HEAD_OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, name)!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
 
@@ -187,17 +158,17 @@ class Plan:
 
 
 def _local(inp: PlanInput) -> int:
-    return -(-inp.classes // inp.gpus)  # rank 0 owns ceil(C / W)
+    return ClassRange(inp.classes, inp.gpus, 0).num_local  # rank 0 owns the most classes
 
 
 def _head(inp: PlanInput):
     """(held rows, step rows, optimizer-step rows), each [(name, bytes, note)]."""
     L, D, W = _local(inp), inp.dim, inp.gpus
     N = inp.micro_batch * W
-    wb = _BYTES[inp.weight_dtype]
+    wb = dtype_bytes(inp.weight_dtype)
     cb = 4 if inp.precision == "fp32" else 2
     sparse_opt = inp.head_optimizer.startswith("sparse_")
-    sb = _BYTES[inp.state_dtype] if sparse_opt else 4
+    sb = dtype_bytes(inp.state_dtype) if sparse_opt else 4
     S = min(L, max(num_sample_for(inp.sample_rate, L), min(N, L)))
     adam = inp.head_optimizer.endswith("adamw")
     moments = 2 if adam else (1 if inp.momentum else 0)
@@ -231,7 +202,7 @@ def _head(inp: PlanInput):
             ("logits per block", max(per_block, sampler),
              f"{block:,} classes a block" + (" (the sampler's keys, the larger)"
                                              if sampler > per_block else ""))]
-    opt_temp = min(_ROW_BLOCK_ELEMS, S * D) * (24 if wb == 2 or sb == 1 else 12)
+    opt_temp = min(ROW_BLOCK_ELEMS, S * D) * (24 if wb == 2 or sb == 1 else 12)
     opt = [("optimizer step", grad + opt_temp, "gradient + one update block")]
     return held, step, opt
 
@@ -367,10 +338,10 @@ def from_deepspeed_config(ds: Dict) -> Dict:
 
 def plan_experiment(cfg, ds_config: Dict, gpus: int, gpu_memory: int,
                     reserve: Optional[int] = None, device: str = "cuda") -> Plan:
-    """The plan of a training run: `cfg` an ExperimentConfig (hybrid_fc.config), `ds_config`
+    """The plan of a training run: `cfg` an ExperimentConfig (hybrid_fc.training.config), `ds_config`
     the DeepSpeed JSON as a dict. The backbone's parameters and activations are computed on
     torch's meta device (hybrid_fc.backbones.backbone_size; nothing is allocated)."""
-    from .backbones import backbone_size
+    from ..backbones import backbone_size
     ds = from_deepspeed_config(ds_config)
     if "micro_batch" not in ds:  # DeepSpeed derives it from the global batch
         gas = int(ds_config.get("gradient_accumulation_steps", 1))

@@ -10,7 +10,7 @@ every step the update is identical to torch.optim.SGD / torch.optim.AdamW.
 
 Dense gradients are accepted too and then update every row, exactly like the torch optimizers.
 
-Storage (hybrid_fc.precision), everything computed in fp32 in between:
+Storage (hybrid_fc.head.precision), everything computed in fp32 in between:
   * weights: fp32 (updated in place, the exact path) or bfloat16 with **no fp32 master copy**
     (PartialFC(weight_dtype=torch.bfloat16)): each touched row is read as fp32, updated, and
     written back with stochastic rounding (`rounding="stochastic"`, the default) or to nearest
@@ -27,13 +27,16 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
-from .precision import (STATE_DTYPES, WEIGHT_DTYPES, decode_rows, dtype_name, encode_rows,
+from .precision import (ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, decode_rows, dtype_name,
+                        encode_rows,
                         round_to_bf16, rounding_bits)
 
-__all__ = ["SparseSGD", "SparseAdamW"]
+__all__ = ["SparseSGD", "SparseAdamW", "HEAD_OPTIMIZERS", "make_head_optimizer"]
 
-_ROW_BLOCK_ELEMS = 1 << 22  # rows are updated in blocks of ~4M elements (16 MB fp32 temporaries)
-_ROUNDINGS = ("stochastic", "nearest")
+ROW_BLOCK_ELEMS = 1 << 22  # rows are updated in blocks of ~4M elements (16 MB fp32 temporaries)
+HEAD_OPTIMIZERS = ("sgd", "adamw", "sparse_sgd", "sparse_adamw")
+"""Head optimizer names (`make_head_optimizer`): torch's SGD / AdamW (dense gradients, fp32
+centers only) or this module's row-wise SparseSGD / SparseAdamW (any storage)."""
 
 
 def _rows_and_values(p: torch.Tensor, grad: torch.Tensor):
@@ -69,7 +72,7 @@ def _check_common(lr, weight_decay, state_dtype, rounding):
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be one of "
                          f"{', '.join(dtype_name(d) for d in STATE_DTYPES)}, got {state_dtype}")
-    if rounding not in _ROUNDINGS:
+    if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be stochastic or nearest, got {rounding!r}")
 
 
@@ -139,7 +142,7 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
                     state["rounding_step"] = state.get("rounding_step", 0) + 1
                 w2, v2 = _as_rows(p), values.reshape(values.shape[0] if values.dim() else 1, -1)
                 n = w2.shape[0] if rows is None else rows.shape[0]
-                step = max(1, _ROW_BLOCK_ELEMS // max(1, w2.shape[1]))
+                step = max(1, ROW_BLOCK_ELEMS // max(1, w2.shape[1]))
                 for a in range(0, n, step):
                     b = min(n, a + step)
                     sel = _Rows(a, b, None if rows is None else rows[a:b])
@@ -299,3 +302,24 @@ class SparseAdamW(_RowwiseOptimizer):
         self._write(state, "exp_avg", sel, m)
         self._write(state, "exp_avg_sq", sel, v)
         sel.put(state["step"], t)
+
+
+def make_head_optimizer(name: str, params, *, lr: float, momentum: float = 0.9,
+                        weight_decay: float = 5e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                        state_dtype=torch.float32, rounding: str = "stochastic", seed: int = 0
+                        ) -> torch.optim.Optimizer:
+    """The head optimizer a config names (HEAD_OPTIMIZERS); state_dtype, rounding and seed are
+    the row-wise optimizers' (refused for torch's, which keep fp32 state)."""
+    if name in ("sgd", "adamw") and (state_dtype != torch.float32):
+        raise ValueError(f"state_dtype {dtype_name(state_dtype)} needs sparse_sgd or "
+                         f"sparse_adamw, not {name}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    low = dict(state_dtype=state_dtype, rounding=rounding, seed=seed)
+    if name == "sparse_sgd":
+        return SparseSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **low)
+    if name == "sparse_adamw":
+        return SparseAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **low)
+    raise ValueError(f"head optimizer must be one of {', '.join(HEAD_OPTIMIZERS)}, got {name!r}")

@@ -1,7 +1,7 @@
 """Export a trained model: plain fp32 backbone state dict, ONNX, gathered class centers.
 
 Sources of the backbone weights, in order:
-  1. `TAG/hybrid/backbone.pt`, written by hybrid_fc.checkpoint at every save: the full fp32
+  1. `TAG/hybrid/backbone.pt`, written by hybrid_fc.training.checkpoint at every save: the full fp32
      master weights and buffers keyed by parameter name, whatever the ZeRO stage and the
      number of ranks (no gathering needed here).
   2. A plain DeepSpeed checkpoint (`*_model_states.pt` + ZeRO optimizer partitions): rebuilt
@@ -23,7 +23,6 @@ one (C, D) fp32 matrix, written through a memory map (C x D x 4 bytes; never all
 """
 import contextlib
 import copy
-import glob
 import json
 import logging
 import os
@@ -34,12 +33,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, backbone_file, head_shard_file, load_file,
-                         model_config, read_meta, resolve_checkpoint)
+from ..runtime import join_process_group, starting_up
+from ..training.checkpoint import (CheckpointError, backbone_file, deepspeed_model_states,
+                                   head_shards, load_file, model_config, read_meta,
+                                   resolve_checkpoint)
 
 __all__ = ["CheckpointError", "OnnxExportError", "resolve_checkpoint", "load_backbone_weights",
            "load_backbone", "load_for_inference", "save_backbone", "export_class_centers",
-           "export_onnx", "check_onnx", "import_factory"]
+           "export_onnx", "check_onnx", "import_factory", "add_checkpoint_args",
+           "model_overrides"]
 
 class OnnxExportError(RuntimeError):
     """The backbone cannot be exported to ONNX with a dynamic batch, or the file disagrees
@@ -69,11 +71,11 @@ def load_backbone_weights(path: str, tag: Optional[str] = None, trust_checkpoint
         params = state.get("params") if isinstance(state, dict) else None
         if not params:
             raise CheckpointError(f"checkpoint without a backbone: {portable} has no "
-                                  "'params' (not written by hybrid_fc.checkpoint?)")
+                                  "'params' (not written by hybrid_fc.training.checkpoint?)")
         sd = dict(params)
         sd.update(state.get("buffers") or {})
         return _fp32(sd), model_config(save_dir, state.get("client_state")), portable
-    states = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
+    states = deepspeed_model_states(folder)
     if states and not trust_checkpoint:
         raise CheckpointError(f"{folder} has no hybrid/backbone.pt, only DeepSpeed's own files, "
                               "which can only be read by unpickling them (a crafted file runs "
@@ -114,6 +116,36 @@ def import_factory(spec: str):
     if not callable(obj):
         raise ValueError(f"--model {spec!r}: {attr!r} is not callable")
     return obj
+
+
+def add_checkpoint_args(parser, checkpoint_help: str = "run folder, tag folder or backbone.pt"
+                        ) -> None:
+    """The arguments every script that reads a trained backbone takes (eval, export, extract):
+    where the checkpoint is, and the model it holds when its saved config does not say."""
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the run's latest)")
+    parser.add_argument("--backbone", default=None,
+                        help="registry backbone name: overrides / supplies the saved model config")
+    parser.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                        help="your own backbone outside the registry: MODULE:FACTORY() returns "
+                             "the nn.Module to load the weights into (MODULE importable, e.g. "
+                             "on PYTHONPATH)")
+    parser.add_argument("--embedding-size", type=int, default=None,
+                        help="overrides / supplies the saved model config")
+    parser.add_argument("--input-size", "--image-size", type=int, default=None,
+                        dest="input_size",
+                        help="side of the square input images (default: the saved model config)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow reading DeepSpeed's own checkpoint files when there is no "
+                             "hybrid/backbone.pt: they are unpickled, so a crafted file runs code")
+    parser.add_argument("--local_rank", type=int, default=None,
+                        help="set by the deepspeed launcher")
+
+
+def model_overrides(args) -> Dict[str, Any]:
+    """load_backbone's keyword arguments from the arguments of add_checkpoint_args."""
+    return dict(model=args.model, backbone=args.backbone, embedding_size=args.embedding_size,
+                input_size=args.input_size)
 
 
 def load_backbone(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
@@ -171,11 +203,8 @@ def load_for_inference(path: str, tag: Optional[str] = None, trust_checkpoint: b
     the process group (deepspeed.init_distributed reads the launcher's variables) and uses the
     GPU LOCAL_RANK when there are GPUs; alone it stays single-process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import deepspeed
-
-        from .engine import release_shm_buffers
-        deepspeed.init_distributed()
-        release_shm_buffers()
+        with starting_up():  # DeepSpeed's CPU op is built or loaded in here
+            join_process_group(standalone=False)
     model, cfg = load_backbone(path, tag, trust_checkpoint, **model_overrides)
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
@@ -204,42 +233,40 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
     (head.weight_dtype=bfloat16) are widened to fp32 exactly; `report` (e.g. print) is told the
     stored dtype when it is not fp32."""
     save_dir, tag = resolve_checkpoint(path, tag)
-    hdir = os.path.dirname(backbone_file(save_dir, tag))
     try:
         meta = read_meta(save_dir, tag)
     except FileNotFoundError:
         raise CheckpointError(f"{os.path.join(save_dir, tag)} has no hybrid/meta.json: not a "
                               "hybrid_fc checkpoint, so it holds no head shards") from None
     C, D = int(meta["num_classes"]), int(meta["embedding_size"])
-    if out is not None:
+    tmp = None
+    if out is not None:  # written under a temporary name: a failure leaves no loadable file
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        centers = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(C, D))
+        tmp = f"{out}.tmp.{os.getpid()}.npy"
+        centers = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(C, D))
     else:
         centers = np.empty((C, D), np.float32)
-    covered, stored = 0, set()
-    for r, (start, n) in enumerate(meta["class_ranges"]):
-        shard_path = head_shard_file(save_dir, tag, r)
-        if not os.path.isfile(shard_path):
-            raise CheckpointError(f"{shard_path} is missing (meta.json lists "
-                                  f"{len(meta['class_ranges'])} head shards)")
-        shard = load_file(shard_path, mmap=True)
-        if (shard["class_start"], shard["num_local"]) != (start, n) or \
-                tuple(shard["weight"].shape) != (n, D):
-            raise CheckpointError(f"{shard_path} holds classes [{shard['class_start']}, "
-                                  f"{shard['class_start'] + shard['num_local']}) of width "
-                                  f"{shard['weight'].shape[-1]}; meta.json says [{start}, "
-                                  f"{start + n}) of width {D}")
-        centers[start:start + n] = shard["weight"].float().numpy()
-        stored.add(str(shard["weight"].dtype).replace("torch.", ""))
-        covered += n
-    if covered != C:
-        raise CheckpointError(f"{hdir}: head shards cover {covered} of {C} classes")
+    stored = set()
+    try:
+        for shard, lo, hi in head_shards(save_dir, tag, meta, 0, C):
+            s = shard["class_start"]
+            centers[lo:hi] = shard["weight"][lo - s:hi - s].float().numpy()
+            stored.add(str(shard["weight"].dtype).replace("torch.", ""))
+        if tmp is not None:
+            centers.flush()
+            del centers
+            os.replace(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        raise
     if report is not None and stored != {"float32"}:
         report(f"class centers: stored as {', '.join(sorted(stored))} in the checkpoint, "
                "written as float32 (every bf16 value is exactly an fp32 value)")
     if out is not None:
-        centers.flush()
-        del centers
         return out
     return torch.from_numpy(centers)
 

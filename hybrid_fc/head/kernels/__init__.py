@@ -2,11 +2,11 @@
 
 Nothing here imports triton at import time: a plain CPU install never needs it. The head asks
 `select_backend` which path a step takes; a forced backend that cannot run raises instead of
-falling back (DESIGN.md: "A forced backend never silently falls back").
+falling back.
 
 Layering: kernels are compute only (no torch.distributed). They produce one rank's partial
-statistics and gradients; the cross-rank arithmetic stays in hybrid_fc.collectives, shared with
-the torch path.
+statistics and gradients; the cross-rank arithmetic stays in hybrid_fc.head.loss (its
+`TritonTiles` mode), shared with the torch path.
 """
 import importlib.util
 import os
@@ -74,11 +74,11 @@ def load_triton_ce(device: torch.device):
     from . import triton_ce
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and not triton_ce.INTERPRETED:
-        raise RuntimeError("backend='triton' on CPU tensors: hybrid_fc.kernels.triton_ce was "
+        raise RuntimeError("backend='triton' on CPU tensors: hybrid_fc.head.kernels.triton_ce was "
                            "imported without TRITON_INTERPRET=1, so its kernels are compiled "
                            "for a GPU; set TRITON_INTERPRET=1 before it is first imported")
     if not on_cpu and triton_ce.INTERPRETED:
-        raise RuntimeError("backend='triton' on CUDA tensors: hybrid_fc.kernels.triton_ce was "
+        raise RuntimeError("backend='triton' on CUDA tensors: hybrid_fc.head.kernels.triton_ce was "
                            "imported under TRITON_INTERPRET=1 (the CPU interpreter, for tests); "
                            "unset it to run the compiled kernels")
     return triton_ce

@@ -8,20 +8,20 @@ put in each row's target column. The (N, S) logits never exist in memory:
     on chip (dot over D in BLOCK_D steps, fp32 accumulation) and folded into a running row max
     and sum of exp (online log-sum-exp). Output: (P, N) partial maxima and sums, P = programs
     along S (few hundred at most), merged here into this rank's (N,) max and sum. The cross-rank
-    max and sum all-reduces stay in hybrid_fc.collectives.
+    max and sum all-reduces stay in hybrid_fc.head.loss.
   backward: each (row block, column block) program recomputes its logits tile, forms
     d loss / d cos (probabilities times the row factor, the target column replaced by the
     margin's gradient), and adds its contributions to d E (N, D) and to B = dlog^T E (S, D) with
     fp32 atomic adds (so on a GPU the order of the sums, and the last bits, vary run to run).
-    hybrid_fc.collectives turns B into the rows' gradient (projection off the row direction),
+    hybrid_fc.head.loss turns B into the rows' gradient (projection off the row direction),
     the same code the torch path uses.
 
-Precision mirrors the torch path (collectives._operand): the dot runs in the embeddings' dtype
+Precision mirrors the torch path (hybrid_fc.head.loss.operand): the dot runs in the embeddings' dtype
 (fp32 as IEEE fp32, never TF32; bf16/fp16 on tensor cores) with fp32 accumulation; raw rows are
 cast to that dtype and 1/||w|| scales the logit columns, except for fp16, whose narrow exponent
 range would lose the small elements of low-norm rows: there rows are normalized in fp32 before
-the cast. The target logits (N,) come in already computed by hybrid_fc.margins, so every margin
-that module defines runs here unchanged.
+the cast. The target logits (N,) come in already computed by hybrid_fc.head.margins, so every
+margin that module defines runs here unchanged.
 
 Kernels are decorated when this module is imported; TRITON_INTERPRET=1 must be set before that
 to run them on CPU tensors (tests). Shapes: any N, S, D (masked); BLOCK_* >= 16 (tl.dot).
@@ -234,7 +234,7 @@ def forward_stats(emb, weight, index, target, logit_t, scale: float):
 
 def backward(emb, weight, index, target, logit_t, inv, row_max, row_f, tgt_grad, scale: float):
     """(d E (N, D) fp32, B (S, D) fp32) where, with dlog = d loss / d cos (N, S) column-scaled
-    like the operand (collectives._operand), d E = dlog @ U and B = dlog^T @ E.
+    like the operand (loss.operand), d E = dlog @ U and B = dlog^T @ E.
 
     row_max: (N,) global row max; row_f: (N,) g * s / sum_exp; tgt_grad: (N,) d loss / d cos of
     each row's target (used only where target >= 0). Memory: the two fp32 outputs.

@@ -1,14 +1,18 @@
 """Metrics as data: `metrics.jsonl` (one JSON object per line) and `training.log` of a run.
 
-The one owner of the log format (STYLE 14, 16): launch/train.py writes through `MetricsLog`;
-programs (quickstart, the learning check, tests) read with `read_metrics`, never by parsing what
-was printed. Rows:
+The one owner of the log format: the trainer (hybrid_fc.training.trainer) writes through
+`MetricsLog`; programs (quickstart, the learning check, tests) read with `read_metrics`, never by
+parsing what was printed. Rows:
 
   {"kind": "train", "step", "loss", "img_s", "lr", "backbone_lr", "loss_scale", "skipped",
    "time"}                                         every train.log_every optimizer steps
   {"kind": "verify", "step", "set", "accuracy", "std", "threshold", "xnorm", "tar", "time"}
                                                    per pair set at each verification
-  {"kind": "start", "step", "world_size", "resumed", "time"}   once per start (or resume)
+  {"kind": "start", "step", "world_size", "global_batch", "resumed", "time"}
+                                                   once per start (or resume)
+  {"kind": "resume", "step", "time", and before/after pairs of what the resume changed:
+   "old_steps"/"new_steps", "head_lr_before"/"head_lr_after", "old_world_size"/
+   "new_world_size", "old_global_batch"/"new_global_batch"}    when a resume changes the run
 
 A resumed run appends to the same files; rows of steps after the checkpoint it resumed from
 appear twice (the killed run's and the resumed run's): `read_metrics(..., last=True)` keeps the
@@ -19,10 +23,10 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+
 __all__ = ["MetricsLog", "read_metrics", "METRICS_FILE", "LOG_FILE"]
 
-METRICS_FILE = "metrics.jsonl"
-LOG_FILE = "training.log"
+from .checkpoint import LOG_FILE, METRICS_FILE  # the run folder's names have one owner
 
 
 class MetricsLog:

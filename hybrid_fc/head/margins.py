@@ -18,7 +18,10 @@ import math
 
 import torch
 
-__all__ = ["ArcFace", "CosFace", "CombinedMarginLoss", "MarginBase"]
+__all__ = ["ArcFace", "CosFace", "CombinedMarginLoss", "MarginBase", "MARGINS", "make_margin"]
+
+MARGINS = ("arcface", "cosface", "combined")
+"""The margin names a config may give (`make_margin`)."""
 
 # Floor under 1 - cos^2 before the sqrt: keeps d sin(theta) / d cos finite at cos = +-1.
 # The largest gradient it allows is ~ sin(m) / sqrt(_EPS) = ~500 * sin(m); only cosines within
@@ -111,3 +114,15 @@ class CombinedMarginLoss(MarginBase):
         theta = torch.acos(torch.clamp(cos, -1.0 + _EPS, 1.0 - _EPS))
         angle = torch.clamp(self.m1 * theta + self.m2, max=math.pi)
         return torch.cos(angle) - self.m3
+
+
+def make_margin(name: str, scale: float, m: float = 0.5,
+                combined=(1.0, 0.5, 0.0)) -> MarginBase:
+    """The margin a config names: arcface / cosface (margin m) or combined ((m1, m2, m3))."""
+    if name == "arcface":
+        return ArcFace(scale, m)
+    if name == "cosface":
+        return CosFace(scale, m)
+    if name == "combined":
+        return CombinedMarginLoss(scale, *combined)
+    raise ValueError(f"margin must be one of {', '.join(MARGINS)}, got {name!r}")

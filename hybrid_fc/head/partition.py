@@ -1,12 +1,14 @@
 """Class sharding: which rank owns which contiguous range of class ids.
 
-One utility for head, checkpoint and tests (STYLE 4). The split is insightface's, so their
-per-rank checkpoints map onto ours: rank r of W owns [start, start + num_local) with
-num_local = C // W + (r < C % W) and start = C // W * r + min(r, C % W).
-Pure integer math: no torch.distributed here.
+One utility for head, checkpoint, planner and tests. The split is insightface's (the one split
+of hybrid_fc.common.split_span), so their per-rank checkpoints map onto ours: rank r of W owns
+[start, start + num_local) with num_local = C // W + (r < C % W) and
+start = C // W * r + min(r, C % W). Pure integer math: no torch.distributed here.
 """
 from dataclasses import dataclass
 from typing import List
+
+from ..common import split_span
 
 __all__ = ["ClassRange", "shard_ranges"]
 
@@ -37,18 +39,16 @@ class ClassRange:
                 "every rank must own at least one class")
 
     @property
-    def num_local(self) -> int:
-        base, rem = divmod(self.num_classes, self.world_size)
-        return base + (1 if self.rank < rem else 0)
-
-    @property
     def start(self) -> int:
-        base, rem = divmod(self.num_classes, self.world_size)
-        return base * self.rank + min(self.rank, rem)
+        return split_span(self.num_classes, self.rank, self.world_size)[0]
 
     @property
     def end(self) -> int:
-        return self.start + self.num_local
+        return split_span(self.num_classes, self.rank, self.world_size)[1]
+
+    @property
+    def num_local(self) -> int:
+        return self.end - self.start
 
 
 def shard_ranges(num_classes: int, world_size: int) -> List[ClassRange]:

@@ -19,6 +19,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..head.kernels import BACKENDS
+from ..head.margins import MARGINS
+from ..head.optim import HEAD_OPTIMIZERS
+from ..head.precision import ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, dtype_names
+from .engine import WarmupDecay
+
 __all__ = ["ModelConfig", "HeadConfig", "HeadOptimConfig", "ScheduleConfig", "DataConfig",
            "TrainConfig", "EvalConfig", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict"]
 
@@ -26,6 +32,11 @@ __all__ = ["ModelConfig", "HeadConfig", "HeadOptimConfig", "ScheduleConfig", "Da
 def _require(cond: bool, name: str, msg: str, value: Any):
     if not cond:
         raise ValueError(f"{name}: {msg}, got {value!r}")
+
+
+def _require_choice(value: Any, choices: Sequence[str], name: str):
+    """`value` is one of `choices` (the set the setting's owner defines)."""
+    _require(value in choices, name, f"must be one of {', '.join(choices)}", value)
 
 
 def _require_finite(obj, section: str) -> None:
@@ -90,13 +101,10 @@ class HeadConfig:
 
     def __post_init__(self):
         _require_finite(self, "head")
-        _require(self.backend in ("auto", "torch", "triton"), "head.backend",
-                 "must be auto, torch or triton", self.backend)
+        _require_choice(self.backend, BACKENDS, "head.backend")
         _require(self.num_classes >= 1, "head.num_classes", "must be >= 1", self.num_classes)
-        _require(self.weight_dtype in ("float32", "bfloat16"), "head.weight_dtype",
-                 "must be float32 or bfloat16", self.weight_dtype)
-        _require(self.margin in ("arcface", "cosface", "combined"), "head.margin",
-                 "must be arcface, cosface or combined", self.margin)
+        _require_choice(self.weight_dtype, dtype_names(WEIGHT_DTYPES), "head.weight_dtype")
+        _require_choice(self.margin, MARGINS, "head.margin")
         _require(self.scale > 0, "head.scale", "must be > 0", self.scale)
         _require(0.0 <= self.m < 3.15, "head.m", "must be in [0, pi)", self.m)
         _require(len(self.combined) == 3, "head.combined", "must be (m1, m2, m3)", self.combined)
@@ -132,13 +140,9 @@ class HeadOptimConfig:
 
     def __post_init__(self):
         _require_finite(self, "head_optim")
-        _require(self.state_dtype in ("float32", "bfloat16", "float16", "int8"),
-                 "head_optim.state_dtype", "must be float32, bfloat16, float16 or int8",
-                 self.state_dtype)
-        _require(self.rounding in ("stochastic", "nearest"), "head_optim.rounding",
-                 "must be stochastic or nearest", self.rounding)
-        _require(self.name in ("sgd", "adamw", "sparse_sgd", "sparse_adamw"), "head_optim.name",
-                 "must be sgd, adamw, sparse_sgd or sparse_adamw", self.name)
+        _require_choice(self.state_dtype, dtype_names(STATE_DTYPES), "head_optim.state_dtype")
+        _require_choice(self.rounding, ROUNDINGS, "head_optim.rounding")
+        _require_choice(self.name, HEAD_OPTIMIZERS, "head_optim.name")
         _require(self.lr > 0, "head_optim.lr", "must be > 0", self.lr)
         _require(0.0 <= self.momentum < 1.0, "head_optim.momentum", "must be in [0, 1)",
                  self.momentum)
@@ -173,8 +177,7 @@ class ScheduleConfig:
         _require_finite(self, "schedule")
         _require(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0",
                  self.warmup_steps)
-        _require(self.decay in ("poly", "cosine", "constant"), "schedule.decay",
-                 "must be poly, cosine or constant", self.decay)
+        _require_choice(self.decay, WarmupDecay.DECAYS, "schedule.decay")
         _require(self.power > 0, "schedule.power", "must be > 0", self.power)
         _require(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]",
                  self.min_lr_ratio)
@@ -240,7 +243,7 @@ class TrainConfig:
     files (a crafted checkpoint could run code); only fp16 or bf16 without ZeRO needs it. By
     default every file is read as data only (hybrid/backbone.pt and the head shards)."""
     memory_check: bool = True
-    """Plan every rank's memory before building anything (hybrid_fc.plan, as launch/plan.py)
+    """Plan every rank's memory before building anything (hybrid_fc.training.plan, as launch/plan.py)
     and refuse a run that will not fit, printing the plan and the setting to change."""
 
     def __post_init__(self):

@@ -1,5 +1,12 @@
 """Checkpoints of a HybridEngine that resume at any number of ranks.
 
+A run folder (`train.output_dir`; this module owns every file name in it):
+  config.json                        rank 0 at start: the experiment and DeepSpeed configs
+  metrics.jsonl, training.log        hybrid_fc.training.metrics rows and printed lines
+  tb/                                TensorBoard scalars (when tensorboard is installed)
+  latest                             the tag of the newest complete checkpoint
+  TAG/                               one checkpoint, below
+
 Layout of `save_dir/TAG/`:
   (DeepSpeed's own files)            engine.save_checkpoint: exact same-world-size resume
   hybrid/head-rank{r:05d}.pt         one per head rank: class range [start, start + num_local),
@@ -26,7 +33,6 @@ a crafted checkpoint cannot run code. DeepSpeed's own files (its loader unpickle
 read only when the caller says it trusts them (trust_deepspeed_files=True, same size only).
 """
 import glob
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,15 +40,24 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..common import stable_seed
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "load_file", "prune_checkpoints",
            "remove_stale_temps", "resolve_checkpoint", "read_meta", "model_config",
-           "backbone_file", "head_shard_file", "CheckpointError", "CheckpointMismatch"]
+           "backbone_file", "head_shard_file", "deepspeed_model_states", "write_run_config",
+           "read_run_config", "head_shards", "CheckpointError", "CheckpointMismatch", "CONFIG_FILE",
+           "METRICS_FILE", "LOG_FILE", "TENSORBOARD_DIR"]
 
 FORMAT = 1
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "training.log"
+TENSORBOARD_DIR = "tb"
 _META = "meta.json"
 _BACKBONE = "backbone.pt"
 _HYBRID = "hybrid"
 _LATEST = "latest"
+_DEEPSPEED_STATES = "*model_states.pt"
 
 
 class CheckpointError(ValueError):
@@ -87,13 +102,42 @@ def head_shard_file(save_dir: str, tag: str, rank: int) -> str:
     return os.path.join(save_dir, tag, _HYBRID, _head_file(rank))
 
 
+def deepspeed_model_states(tag_dir: str) -> List[str]:
+    """DeepSpeed's own model-states files of a checkpoint tag folder, sorted (maybe none)."""
+    return sorted(glob.glob(os.path.join(tag_dir, _DEEPSPEED_STATES)))
+
+
+def write_run_config(output_dir: str, experiment: Dict[str, Any],
+                     deepspeed_config: Dict[str, Any]) -> str:
+    """The run's config.json: {"experiment": ..., "deepspeed": ...} (rank 0, at start)."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, CONFIG_FILE)
+    _atomic_write_text(json.dumps({"experiment": experiment, "deepspeed": deepspeed_config},
+                                  indent=1), path)
+    return path
+
+
+def read_run_config(output_dir: str) -> Optional[Dict[str, Any]]:
+    """The run's config.json as written by write_run_config, or None when there is none."""
+    path = os.path.join(output_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 _MODEL_KEYS = ("backbone", "embedding_size", "input_size", "backbone_kwargs")
 
 
 # -- locating a checkpoint (export, eval and extract read through these) ---------------------
 def _is_tag_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, _HYBRID)) or bool(
-        glob.glob(os.path.join(path, "*model_states.pt")))
+    return os.path.isdir(os.path.join(path, _HYBRID)) or bool(deepspeed_model_states(path))
 
 
 def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
@@ -116,12 +160,10 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
 
 def model_config(save_dir: str, client_state: Optional[dict]) -> Optional[Dict[str, Any]]:
     """The model section of the experiment config saved with the checkpoint, else the run's
-    config.json (launch/train.py writes both), else None."""
+    config.json (the trainer writes both), else None."""
     model = ((client_state or {}).get("experiment") or {}).get("model")
-    cfg_path = os.path.join(save_dir, "config.json")
-    if not model and os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            model = (json.load(f).get("experiment") or {}).get("model")
+    if not model:
+        model = ((read_run_config(save_dir) or {}).get("experiment") or {}).get("model")
     return {k: model[k] for k in _MODEL_KEYS if k in model} if model else None
 
 
@@ -165,7 +207,7 @@ def _atomic_write_text(text: str, path: str) -> None:
 def remove_stale_temps(save_dir: str) -> List[str]:
     """Delete the `*.tmp.<pid>` files a killed or failed save left in `save_dir` (its `latest`
     and every tag's hybrid/ folder); returns their paths. Call it from one process per
-    filesystem before the run's first save (launch/train.py: at start-up), never during one."""
+    filesystem before the run's first save (the trainer: at start-up), never during one."""
     import re
     pattern = re.compile(r"\.tmp\.\d+$")
     removed = []
@@ -451,22 +493,50 @@ def _head_shard(hybrid) -> Dict[str, Any]:
     }
 
 
-def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> None:
+def head_shards(save_dir: str, tag: str, meta: Dict[str, Any], start: int, end: int):
+    """The one reader of head shards by class range: yields (shard, lo, hi) for every shard of
+    checkpoint `tag` that holds classes of [start, end), where `shard` is its dict (read as
+    data, memory-mapped) and [lo, hi) the overlap in global class ids (its rows are
+    [lo - shard["class_start"], hi - shard["class_start"]) of every per-row tensor). Each shard
+    is checked against meta.json (class range, width), and the shards must cover [start, end)."""
+    width, ranges = int(meta["embedding_size"]), meta["class_ranges"]
+    covered = 0
+    for r, (s, n) in enumerate(ranges):
+        lo, hi = max(s, start), min(s + n, end)
+        if lo >= hi:
+            continue
+        path = head_shard_file(save_dir, tag, r)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing (meta.json lists {len(ranges)} head "
+                                  "shards)")
+        shard = load_file(path, mmap=True)
+        weight = shard.get("weight") if isinstance(shard, dict) else None
+        if not torch.is_tensor(weight) or (shard.get("class_start"), shard.get("num_local")) \
+                != (s, n) or tuple(weight.shape) != (n, width):
+            got = (f"classes [{shard['class_start']}, {shard['class_start'] + shard['num_local']})"
+                   f" of width {weight.shape[-1]}" if torch.is_tensor(weight) and
+                   isinstance(shard.get("class_start"), int) and
+                   isinstance(shard.get("num_local"), int) else "no class range and weight")
+            raise CheckpointMismatch(f"{path} holds {got}; meta.json says [{s}, {s + n}) of "
+                                     f"width {width}")
+        yield shard, lo, hi
+        covered += hi - lo
+    if covered != end - start:
+        raise CheckpointMismatch(f"{os.path.join(save_dir, tag, _HYBRID)}: head shards cover "
+                                 f"{covered} of the {end - start} classes [{start}, {end})")
+
+
+def _load_head(hybrid, load_dir: str, tag: str, meta: Dict[str, Any], same_layout: bool
+               ) -> Any:
+    """Fill this rank's head and head optimizer from the checkpoint's shards (any layout);
+    returns this rank's saved rank_state when the layout is the same, else None."""
     head, opt = hybrid.head, hybrid.head_optimizer
     start, end = head.class_start, head.class_start + head.num_local
     weight = torch.empty_like(head.weight, device="cpu")
     rows: Dict[str, torch.Tensor] = {}
     scalars, groups, opt_class, rng, rank_state = None, None, None, None, None
-    filled = 0
-    for r, (s, n) in enumerate(meta["class_ranges"]):
-        lo, hi = max(s, start), min(s + n, end)
-        if lo >= hi:
-            continue
-        shard = load_file(os.path.join(folder, _head_file(r)), mmap=True)
-        if (shard["class_start"], shard["num_local"]) != (s, n):
-            raise CheckpointMismatch(f"{_head_file(r)} holds classes [{shard['class_start']}, "
-                                     f"{shard['class_start'] + shard['num_local']}), meta.json "
-                                     f"says [{s}, {s + n})")
+    for shard, lo, hi in head_shards(load_dir, tag, meta, start, end):
+        s = shard["class_start"]
         weight[lo - start:hi - start] = shard["weight"][lo - s:hi - s]
         for key, value in shard["optimizer"]["rows"].items():
             if key not in rows:
@@ -477,10 +547,6 @@ def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> 
         opt_class = shard["optimizer"]["class"]
         if same_layout:
             rng, rank_state = shard["rng"], shard.get("rank_state")
-        filled += hi - lo
-    if filled != head.num_local:
-        raise CheckpointMismatch(f"head shards cover {filled} of this rank's {head.num_local} "
-                                 f"classes [{start}, {end})")
     if type(opt).__name__ != opt_class and (rows or scalars):
         raise CheckpointMismatch(f"head optimizer is {type(opt).__name__} but the checkpoint "
                                  f"holds {opt_class} state")
@@ -499,8 +565,7 @@ def _load_head(hybrid, folder: str, meta: Dict[str, Any], same_layout: bool) -> 
     else:
         # New layout: a fresh sampler stream per rank, distinct from the first run's streams.
         g = torch.Generator(device=device)
-        key = f"hybrid_fc-resume:{head.seed}:{meta['global_steps']}:{head.rank}".encode()
-        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        g.manual_seed(stable_seed("resume", head.seed, meta["global_steps"], head.rank))
         head.set_rng_state({"state": g.get_state()})
     return rank_state
 
@@ -528,12 +593,12 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     bad = [n for n, v in bstate["params"].items() if not bool(torch.isfinite(v).all())]
     if not bool(torch.isfinite(head.weight.detach()).all()):
         bad.append(f"head centers of rank {head.rank}")
-    from .collectives import all_ranks_true
+    from ..collectives import all_ranks_true
     if not all_ranks_true(not bad):
         raise FloatingPointError(
             f"not saving {folder}: non-finite weights ({', '.join(bad[:4]) or 'on another rank'}"
             f"); the last good checkpoint is {latest_tag(save_dir) or 'none'} in {save_dir}")
-    from .collectives import agree_on_error
+    from ..collectives import agree_on_error
     error = None
     try:  # a rank that cannot write says so to all: none waits alone in the next barrier
         if rank == 0:
@@ -612,7 +677,7 @@ def prune_checkpoints(save_dir: str, keep_last: int) -> List[str]:
 
 
 def _ranges(head):
-    from .partition import shard_ranges
+    from ..head.partition import shard_ranges
     return shard_ranges(head.num_classes, head.world_size)
 
 
@@ -671,7 +736,7 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
             raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(load_dir, tag)}")
         _link_optimizer_state(engine)
     client_state = dict(client_state or {})
-    client_state["rank_state"] = _load_head(hybrid, folder, meta,
+    client_state["rank_state"] = _load_head(hybrid, load_dir, tag, meta,
                                             same_layout=meta["world_size"] == head.world_size)
     _barrier()
     return client_state

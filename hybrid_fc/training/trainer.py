@@ -1,62 +1,62 @@
 """The training run as an object: `Trainer(cfg, ds_config).fit()`.
 
-Built from an ExperimentConfig (hybrid_fc/config.py) and a DeepSpeed JSON dict: the memory plan
-before anything large exists, the backbone under deepspeed.initialize, the Partial FC head and
-its optimizer, the LR schedule, this rank's input streams, the verification hook, checkpoint
-cadence and pruning, and the metrics log (hybrid_fc.metrics). launch/train.py only parses
-arguments and calls it; a Python program can do the same:
+Built from an ExperimentConfig (hybrid_fc.training.config) and a DeepSpeed JSON dict: the memory
+plan before anything large exists, the backbone under deepspeed.initialize, the Partial FC head
+and its optimizer, the LR schedule, this rank's input streams, checkpoint cadence and pruning,
+and the metrics log (hybrid_fc.training.metrics). The periodic verification of eval.bins is
+passed in (`verification=hybrid_fc.evaluation.build_verification`), so the training package
+never imports evaluation. launch/train.py only parses arguments and calls it; a Python program
+can do the same:
 
-    from hybrid_fc.config import load_config
-    from hybrid_fc.trainer import Trainer
+    from hybrid_fc.evaluation import build_verification
+    from hybrid_fc.training import Trainer, load_config
     hybrid = Trainer(load_config("launch/configs/quickstart.yaml", ["train.steps=50"]),
-                     json.load(open("ds_configs/cpu_zero1_fp32.json"))).fit()
+                     json.load(open("ds_configs/cpu_zero1_fp32.json")),
+                     verification=build_verification).fit()
 
 Everything a step depends on is per-rank checkpoint state (InputStreams: loader position, the
 augmentation generator, torch's generators; the head's sampler stream; optimizer, LR schedule
 and loss scale in the engine), so a run restarted at the same number of ranks ends bit-identical
 to an uninterrupted one.
 """
-import json
 import logging
 import os
-import sys
-import threading
 import time
-import warnings
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..backbones import build_backbone
+from ..collectives import agree_on_error, all_ranks_true
+from ..common import stable_seed
+from ..head import PartialFC
+from ..head.margins import make_margin
+from ..head.optim import make_head_optimizer
+from ..runtime import join_process_group, quiet_logs, rank_memory_bytes, starting_up
+from .checkpoint import (TENSORBOARD_DIR, latest_tag, load_checkpoint, prune_checkpoints,
+                         remove_stale_temps, save_checkpoint, write_run_config)
+from .config import config_to_dict
+from .engine import HybridEngine, WarmupDecay
+from .metrics import MetricsLog
+from .plan import plan_experiment
+
 logger = logging.getLogger("hybrid_fc.train")
 
-__all__ = ["Trainer", "InputStreams", "build_margin", "build_head_optimizer",
-           "build_verification"]
+__all__ = ["Trainer", "InputStreams", "build_margin", "build_head_optimizer"]
 
 
 # -- pieces built from the config ------------------------------------------------------------
 def build_margin(cfg):
-    from .margins import ArcFace, CombinedMarginLoss, CosFace
     h = cfg.head
-    if h.margin == "arcface":
-        return ArcFace(h.scale, h.m)
-    if h.margin == "cosface":
-        return CosFace(h.scale, h.m)
-    return CombinedMarginLoss(h.scale, *h.combined)
+    return make_margin(h.margin, h.scale, h.m, h.combined)
 
 
 def build_head_optimizer(cfg, params):
-    from .optim import SparseAdamW, SparseSGD
     o = cfg.head_optim
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
-                                 weight_decay=o.weight_decay)
-    low = dict(state_dtype=getattr(torch, o.state_dtype), rounding=o.rounding, seed=cfg.head.seed)
-    if o.name == "sparse_sgd":
-        return SparseSGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **low)
-    return SparseAdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                       **low)
+    return make_head_optimizer(o.name, params, lr=o.lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                               state_dtype=getattr(torch, o.state_dtype), rounding=o.rounding,
+                               seed=cfg.head.seed)
 
 
 class InputStreams:
@@ -66,20 +66,19 @@ class InputStreams:
       - webdataset: the loader's position (hybrid_fc.data's exact-resume state);
       - synthetic: micro-batch k is drawn from a generator seeded by (seed, rank, k), a pure
         function of the position;
-      - the flip augmentation's own generator (never torch's global one, which launch/train.py
+      - the flip augmentation's own generator (never torch's global one, which the trainer
         reseeds at every start), and torch's global CPU/CUDA generators (dropout and the like).
     At another world size none of it applies (the loader continues at the same fraction of its
     epoch in another order; hybrid_fc.data logs it)."""
 
     def __init__(self, cfg, batch_size, rank, world_size, device):
-        from .data import stable_seed
         self.cfg, self.batch_size, self.rank, self.device = cfg, batch_size, rank, device
         self.micro_batches = 0
         self.augment_rng = torch.Generator(device=device)
         self.augment_rng.manual_seed(stable_seed("augment", cfg.train.seed, rank) >> 1)
         self.loader = None
         if cfg.data.source == "webdataset":
-            from .data import make_loader
+            from ..data import make_loader
             self.loader = make_loader(cfg.data.urls, batch_size, rank=rank, world_size=world_size,
                                       num_workers=cfg.data.num_workers,
                                       shuffle_buffer=cfg.data.shuffle_buffer,
@@ -117,7 +116,6 @@ class InputStreams:
         """The next micro-batch. Collective: a loader that fails on one rank (a ShardError, a
         worker that died) stops every rank at the same step, the others with RankFailed naming
         it, instead of leaving them in the head's next collective (one tiny all-reduce)."""
-        from .collectives import agree_on_error
         if self._batches is None:
             self._batches = (self._synthetic() if self.loader is None else self._webdataset())
         error = None
@@ -132,7 +130,6 @@ class InputStreams:
     def _synthetic(self):
         """In-memory synthetic identities (no files): class c's images are a fixed random image
         (seeded by c) plus Gaussian noise of std data.synthetic_noise; distinct per rank."""
-        from .data import stable_seed
         cfg, b = self.cfg, self.batch_size
         size, C = cfg.model.input_size, cfg.head.num_classes
         means = torch.randn(C, 3, size, size,
@@ -145,32 +142,18 @@ class InputStreams:
             yield (means[labels] + noise).to(self.device), labels.to(self.device)
 
     def _webdataset(self):
-        from .data import augment
+        from ..data import augment
         while True:
             for images, labels in self.loader:
                 yield (augment(images.to(self.device), generator=self.augment_rng),
                        labels.to(self.device))
 
 
-def build_verification(cfg, log):
-    """The periodic verification of eval.bins (hybrid_fc.evaluation.VerificationHook: every
-    rank embeds its slice of each pair set, BatchNorm statistics averaged over the ranks first),
-    or None. Reads and decodes the pair files now, so a bad file fails before training."""
-    if not cfg.eval.bins:
-        return None
-    from .evaluation import VerificationHook
-    return VerificationHook(cfg.eval.bins, every=cfg.eval.every, image_size=cfg.model.input_size,
-                            batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
-                            writer=log.writer, print_fn=log.metrics.log,
-                            record=log.metrics.record)
-
-
 class _Log:
-    """Rank 0's progress line, metrics.jsonl / training.log rows (hybrid_fc.metrics) and
+    """Rank 0's progress line, metrics.jsonl / training.log rows (hybrid_fc.training.metrics) and
     TensorBoard scalars when tensorboard is installed."""
 
     def __init__(self, cfg, rank, images_per_step):
-        from .metrics import MetricsLog
         self.rank, self.every, self.total = rank, cfg.train.log_every, cfg.train.steps
         self.images_per_step = images_per_step
         self.metrics = MetricsLog(cfg.train.output_dir, rank)
@@ -180,7 +163,7 @@ class _Log:
         if rank == 0 and cfg.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tb"))
+                self.writer = SummaryWriter(os.path.join(cfg.train.output_dir, TENSORBOARD_DIR))
             except ImportError:  # tensorboard is optional
                 self.writer = None
 
@@ -221,11 +204,8 @@ class _Log:
 
 
 def _check_memory(cfg, ds_cfg, rank, world_size):
-    """The memory plan (hybrid_fc.plan) before anything large exists; every rank refuses
+    """The memory plan (hybrid_fc.training.plan) before anything large exists; every rank refuses
     together when one rank's memory will not hold the run."""
-    from .collectives import all_ranks_true
-    from .engine import rank_memory_bytes
-    from .plan import plan_experiment
     if not cfg.train.memory_check:
         return
     cuda = torch.cuda.is_available()
@@ -243,28 +223,6 @@ def _check_memory(cfg, ds_cfg, rank, world_size):
                       f"(train.memory_check=false skips this check):\n{plan.table()}")
 
 
-def quiet_logs(rank: int, verbose: bool = False) -> None:
-    """Rank 0 logs at INFO, the other ranks at WARNING (verbose: all at INFO); third-party INFO
-    chatter (DeepSpeed's per-step and config dumps, botocore/s3fs per request) is lowered to
-    WARNING unless `verbose`."""
-    logging.basicConfig(level=logging.INFO if rank == 0 or verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    if verbose:
-        return
-    # DeepSpeed calls torch's all_gather_into_tensor, which torch 2.13 deprecates: one
-    # FutureWarning per rank per run that the user can do nothing about
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
-                            category=FutureWarning)
-    for name in ("DeepSpeed", "deepspeed", "botocore", "aiobotocore", "s3fs", "fsspec",
-                 "urllib3", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from deepspeed.utils import logger as ds_logger
-        ds_logger.setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
-        pass
-
-
 class Trainer:
     """One training run: everything built in __init__ (collective: every rank constructs it),
     `fit()` trains to cfg.train.steps and returns the HybridEngine.
@@ -279,36 +237,25 @@ class Trainer:
         jump the learning rate; refused unless schedule.allow_change=true, then logged with the
         learning rates before and after."""
 
-    def __init__(self, cfg, ds_config: Dict[str, Any], verbose: bool = False):
+    def __init__(self, cfg, ds_config: Dict[str, Any], verbose: bool = False,
+                 verification: Optional[Callable] = None):
         import deepspeed
-        import torch.distributed as dist
-
-        from .backbones import build_backbone
-        from .checkpoint import load_checkpoint, remove_stale_temps
-        from .config import config_to_dict
-        from .engine import (HybridEngine, WarmupDecay, clear_stale_build_locks,
-                             release_shm_buffers, standalone_defaults, watch_build_locks)
-        from .head import PartialFC
 
         self.cfg, self.ds_config = cfg, ds_config
         if "scheduler" in ds_config and cfg.schedule.apply_to_backbone:
             raise ValueError("schedule.apply_to_backbone: the DeepSpeed JSON has a \"scheduler\"; "
                              "set schedule.apply_to_backbone=false or remove it (one owner per "
                              "key)")
+        if cfg.eval.bins and verification is None:
+            raise ValueError("eval.bins is set but no verification was passed: "
+                             "Trainer(cfg, ds_config, verification=hybrid_fc.evaluation."
+                             "build_verification) (launch/train.py does), or eval.bins=[]")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank == 0:  # a killed run's build lock hangs start-up
-            clear_stale_build_locks()
-        started = watch_build_locks(print_fn=lambda m: print(m, file=sys.stderr, flush=True)) \
-            if local_rank == 0 else threading.Event()
-        try:  # DeepSpeed's start-up: its JIT ops are built or loaded in here
-            standalone_defaults()  # plain `python launch/train.py`: one process, no launcher
-            deepspeed.init_distributed()
-            release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run
-            self.rank, self.world_size = rank, world_size = dist.get_rank(), dist.get_world_size()
+        with starting_up():  # DeepSpeed's start-up: its JIT ops are built or loaded in here
+            self.rank, self.world_size = rank, world_size = join_process_group()
             quiet_logs(rank, verbose)
             self.out = out = cfg.train.output_dir
-            if local_rank == 0:  # before any save of this run: a killed save's temporary files
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # a killed save's temporary files
                 for path in remove_stale_temps(out):
                     logger.info("removed %s (left by an interrupted save)", path)
 
@@ -319,8 +266,6 @@ class Trainer:
             engine, *_ = deepspeed.initialize(
                 model=backbone, config=ds_config,
                 model_parameters=[p for p in backbone.parameters() if p.requires_grad])
-        finally:
-            started.set()
         self.device = device = next(engine.module.parameters()).device
         head = PartialFC(build_margin(cfg), cfg.model.embedding_size, cfg.head.num_classes,
                          cfg.head.sample_rate, sparse_grad=cfg.head.sparse_grad,
@@ -341,10 +286,7 @@ class Trainer:
                    if cfg.train.resume else None)
         changes = self._resume_changes(resumed) if resumed is not None else {}
         if rank == 0:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump({"experiment": config_to_dict(cfg), "deepspeed": ds_config}, f,
-                          indent=1)
+            write_run_config(out, config_to_dict(cfg), ds_config)
             where = (f"resumed at step {hybrid.global_steps} from {out}" if resumed is not None
                      else "fresh start")
             print(f"hybrid_fc: {world_size} ranks, {cfg.model.backbone}, {cfg.head.num_classes} "
@@ -359,7 +301,7 @@ class Trainer:
                                 global_batch=self.global_batch, resumed=resumed is not None)
         if changes:
             self.log.metrics.record("resume", step=hybrid.global_steps, **changes)
-        self.verify = build_verification(cfg, self.log)
+        self.verify = verification(cfg, self.log) if cfg.eval.bins else None
         self.last_saved = hybrid.global_steps if resumed is not None else -1
 
     def _resume_changes(self, resumed: Dict[str, Any]) -> Dict[str, Any]:
@@ -371,7 +313,6 @@ class Trainer:
         changes, lines = {}, []
         old_steps = (saved.get("train") or {}).get("steps")
         if old_steps is not None and old_steps != cfg.train.steps:
-            from .engine import WarmupDecay
             s = cfg.schedule
             old = WarmupDecay(old_steps, s.warmup_steps, s.decay, s.power, s.min_lr_ratio)
             lr_old = cfg.head_optim.lr * old(step)
@@ -404,8 +345,6 @@ class Trainer:
 
     def save(self) -> None:
         """A checkpoint of the current step (collective), then pruning by train.keep_last."""
-        from .checkpoint import prune_checkpoints, save_checkpoint
-        from .config import config_to_dict
         cfg = self.cfg
         save_checkpoint(self.hybrid, self.out,
                         client_state={"experiment": config_to_dict(cfg),
@@ -422,7 +361,6 @@ class Trainer:
     def fit(self):
         """Train to cfg.train.steps (verification every eval.every, a checkpoint every
         train.checkpoint_every and at the end); returns the HybridEngine."""
-        from .checkpoint import latest_tag
         cfg, hybrid, log, verify = self.cfg, self.hybrid, self.log, self.verify
         hybrid.train()
         while hybrid.global_steps < cfg.train.steps:

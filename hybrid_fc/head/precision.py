@@ -1,6 +1,6 @@
 """Low-precision storage of class centers and head-optimizer state (pure tensor math).
 
-Three pieces, used by hybrid_fc.optim; no torch.distributed here:
+Three pieces, used by hybrid_fc.head.optim; no torch.distributed here:
 
 * **Counter-based random bits** (`rounding_bits`): 16 uniform bits for element (row, col) at
   step `counter` of a stream `seed`, from a 32-bit integer hash (no generator state). The bits of
@@ -27,10 +27,15 @@ from typing import Optional
 import torch
 
 __all__ = ["rounding_bits", "round_to_bf16", "encode_rows", "decode_rows", "STATE_DTYPES",
-           "WEIGHT_DTYPES", "parse_dtype", "dtype_name"]
+           "WEIGHT_DTYPES", "ROUNDINGS", "parse_dtype", "dtype_name", "dtype_names",
+           "dtype_bytes"]
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+"""Storage of the class centers."""
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+"""Storage of the row-wise optimizers' state (int8: one fp32 scale per row and moment)."""
+ROUNDINGS = ("stochastic", "nearest")
+"""How the row-wise optimizers write fp32 updates back into low-precision centers."""
 
 _M32 = 0xFFFFFFFF
 _K = 0x45D9F3B          # odd multiplier < 2^31: int64 products of 32-bit values never overflow
@@ -54,6 +59,16 @@ def parse_dtype(name, allowed, what: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def dtype_names(dtypes) -> tuple:
+    """('float32', 'bfloat16') for (torch.float32, torch.bfloat16): the names configs use."""
+    return tuple(dtype_name(d) for d in dtypes)
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a dtype given by name ('bfloat16' -> 2)."""
+    return torch.empty((), dtype=getattr(torch, name)).element_size()
 
 
 # -- counter-based random bits -------------------------------------------------------------

@@ -1,0 +1,23 @@
+"""What a trained model is measured and shipped with: verification, extraction, export.
+
+  verification  insightface pair sets (.bin) and pair lists: 10-fold accuracy, TAR@FAR, spread
+                over every rank; the trainer's periodic hook (build_verification)
+  extract       embeddings of an image folder or shards to .npy + keys
+  export        fp32 backbone state dict, ONNX, class centers gathered from the head shards;
+                loading a checkpoint for inference
+"""
+from .export import (OnnxExportError, export_class_centers, export_onnx, load_backbone,
+                     load_for_inference, save_backbone)
+from .extract import extract_embeddings
+from .verification import (BinFileError, PairSet, VerificationHook, VerificationResult,
+                           build_verification, decode_images, embed_images, embed_pair_set,
+                           evaluate, format_table, kfold_accuracy, kfold_folds,
+                           load_bin, load_pair_list, load_pair_set, tar_at_far,
+                           verification_metrics, write_bin)
+
+__all__ = ["BinFileError", "PairSet", "VerificationHook", "VerificationResult",
+           "build_verification", "decode_images", "embed_images", "embed_pair_set", "evaluate",
+           "format_table", "kfold_accuracy", "kfold_folds", "load_bin",
+           "load_pair_list", "load_pair_set", "tar_at_far", "verification_metrics", "write_bin",
+           "extract_embeddings", "OnnxExportError", "export_class_centers", "export_onnx",
+           "load_backbone", "load_for_inference", "save_backbone"]

@@ -6,13 +6,15 @@ What a process needs around DeepSpeed's distributed start and end, none of it mo
     (a world of one under plain `python`: `standalone_defaults`) and unlinks DeepSpeed's
     /dev/shm all-reduce buffers (`release_shm_buffers`);
   * logs: `quiet_logs` (rank 0 at INFO, third-party chatter lowered);
+  * signals: `Preemption` (SIGTERM / SIGINT: every rank finishes its step, agrees, saves);
   * the end: `run_script(main)` turns input errors into one line per rank and ends the process
-    group cleanly (`finish_distributed`);
+    group cleanly (`finish_distributed`); a preempted run exits with 128 + the signal;
   * `rank_memory_bytes`: the memory one rank may plan for.
 """
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -23,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["clear_stale_build_locks", "watch_build_locks", "starting_up", "release_shm_buffers",
+           "remove_stale_shm_buffers", "check_master_addr",
            "standalone_defaults", "join_process_group", "quiet_logs", "finish_distributed",
-           "run_script", "rank_memory_bytes", "print_err"]
+           "run_script", "rank_memory_bytes", "print_err", "Preempted", "PeerLost",
+           "Preemption"]
 
 
 def print_err(line: str) -> None:
@@ -98,20 +102,82 @@ def watch_build_locks(after_s: float = 120.0, stale_after_s: float = 1800.0, pri
     return done
 
 
+_SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def _shm_name(rank: int) -> str:
+    return os.path.join("/dev/shm", f"{_SHM_PREFIX}{os.getuid()}_"
+                        f"{os.environ.get('MASTER_ADDR', '')}_"
+                        f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def remove_stale_shm_buffers(min_age_s: float = 60.0, print_fn=None) -> List[str]:
+    """Remove this user's DeepSpeed all-reduce buffers in /dev/shm that no live process maps
+    (left by runs that died before release_shm_buffers, e.g. killed during start-up); returns
+    their paths. A buffer younger than `min_age_s` is left alone (a run starting right now may
+    not have mapped it yet). Cost: one read of /proc/*/maps."""
+    root = "/dev/shm"
+    if not os.path.isdir(root):
+        return []
+    mine = [os.path.join(root, n) for n in os.listdir(root)
+            if n.startswith(f"{_SHM_PREFIX}{os.getuid()}_")]
+    if not mine:
+        return []
+    mapped = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.update(line.split(None, 5)[-1].strip() for line in f if _SHM_PREFIX in line)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    removed = []
+    for path in mine:
+        try:
+            if path in mapped or time.time() - os.path.getmtime(path) < min_age_s:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            continue
+    if removed and print_fn is not None:
+        print_fn(f"hybrid_fc: removed {len(removed)} DeepSpeed all-reduce buffer(s) left in "
+                 "/dev/shm by runs that died before releasing them")
+    return removed
+
+
 @contextlib.contextmanager
 def starting_up():
     """Around a process's DeepSpeed start-up (init_distributed, deepspeed.initialize: where its
-    JIT ops are built or loaded): on local rank 0, stale build locks are removed first and a
-    lock the start-up still waits on after 2 minutes is named on stderr."""
+    JIT ops are built or loaded): on local rank 0, stale build locks and /dev/shm buffers of
+    dead runs are removed first and a lock the start-up still waits on after 2 minutes is
+    named on stderr."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if local_rank == 0:  # a killed run's build lock hangs start-up
+    if local_rank == 0:  # a killed run's build lock hangs start-up; its buffers hold RAM
         clear_stale_build_locks(print_fn=print_err)
+        remove_stale_shm_buffers(print_fn=print_err)
     done = watch_build_locks(print_fn=print_err) if local_rank == 0 else None
     try:
         yield
     finally:
         if done is not None:
             done.set()
+
+
+def check_master_addr() -> None:
+    """MASTER_ADDR must resolve: torch's rendezvous otherwise retries a failed name lookup for
+    minutes ("gai error") before it gives up. ValueError naming the address instead."""
+    import socket
+    addr = os.environ.get("MASTER_ADDR")
+    if not addr:
+        return
+    try:
+        socket.getaddrinfo(addr, None)
+    except OSError as exc:
+        raise ValueError(f"MASTER_ADDR={addr!r} (--master_addr) does not resolve on this host "
+                         f"({exc}): give the first node's address or a name in /etc/hosts; "
+                         "for two launchers on one machine use --master_addr 127.0.0.1") from None
 
 
 def join_process_group(standalone: bool = True) -> Tuple[int, int]:
@@ -122,6 +188,7 @@ def join_process_group(standalone: bool = True) -> Tuple[int, int]:
     import deepspeed
     if standalone:
         standalone_defaults()
+    check_master_addr()
     deepspeed.init_distributed()
     release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run
     return dist.get_rank(), dist.get_world_size()
@@ -140,9 +207,7 @@ def release_shm_buffers() -> Optional[str]:
     Nothing to do on GPUs (no such buffer)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    name = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_"
-                        f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
-                        f"{dist.get_rank()}")
+    name = _shm_name(dist.get_rank())
     dist.barrier()
     try:
         os.unlink(name)
@@ -180,12 +245,107 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+class Preempted(Exception):
+    """The run stopped on a signal after saving (Trainer, `Preemption`); `code` is the exit
+    status, 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class PeerLost(RuntimeError):
+    """Another rank went away (killed, its node lost): this rank's next collective failed."""
+
+    _SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+              "connection refused", "Socket Timeout", "NCCL communicator was aborted",
+              "Timed out waiting", "ProcessGroupGloo", "Connection reset")
+
+    @classmethod
+    def wrap(cls, exc: BaseException) -> BaseException:
+        """PeerLost for a failed collective (gloo / NCCL transport errors), else `exc`."""
+        text = str(exc)
+        if any(sign.lower() in text.lower() for sign in cls._SIGNS):
+            first = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+            return cls(f"lost contact with another rank ({first})")
+        return exc
+
+
+class Preemption:
+    """SIGTERM / SIGINT handling of a training loop, as a context manager.
+
+    A signal only sets a flag (the handler does nothing else: the step in flight finishes).
+    `agreed()`, called by every rank once per step, is one tiny all-reduce that tells every
+    rank whether any rank was signalled, so all stop at the same step. `deadline(s, message)`
+    bounds what follows (the checkpoint): past it the process prints `message` and exits with
+    the signal's code, leaving the previous complete checkpoint as `latest`. The previous
+    handlers come back on exit. Handlers can only be installed from the main thread; elsewhere
+    (a library user's thread) signals keep their default behaviour."""
+
+    _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+    def __init__(self, rank: int = 0):
+        self.rank, self.signum, self._saved = rank, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._NAMES:
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            print_err(f"hybrid_fc (rank {self.rank}): {self._NAMES[signum]} received: finishing "
+                      "this step, then saving a checkpoint")
+
+    @property
+    def signal_name(self) -> str:
+        return self._NAMES.get(self.signum, "a signal")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or signal.SIGTERM)
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank when any rank received a signal (its kind is
+        shared too, for the message and exit code)."""
+        from .collectives import comm_device
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signum is not None
+        t = torch.tensor([int(self.signum or 0)], device=comm_device(None))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t.item()) and self.signum is None:
+            self.signum = int(t.item())
+        return bool(t.item())
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float, message):
+        """Exit the process (code 128 + signal) with message() if the block runs longer."""
+        done = threading.Event()
+
+        def watch():
+            if not done.wait(seconds):
+                print_err(f"hybrid_fc (rank {self.rank}): {message()}")
+                os._exit(self.exit_code)
+        threading.Thread(target=watch, daemon=True, name="hybrid_fc-preempt-deadline").start()
+        try:
+            yield
+        finally:
+            done.set()
+
+
 def _input_error(exc: BaseException) -> bool:
-    """An error about the run's input (a config field, a file, a shard, memory that will not
-    suffice, a diverged loss), whose message says what to change: shown without a traceback."""
+    """An error about the run's input or its environment (a config field, a file, a shard,
+    memory that will not suffice, a diverged loss, a full disk, a lost peer), whose message says
+    what to change: shown without a traceback."""
     mine = type(exc).__module__.startswith("hybrid_fc")
-    return mine or isinstance(exc, (ValueError, FileNotFoundError, MemoryError,
-                                    FloatingPointError))
+    return mine or isinstance(exc, (ValueError, OSError, MemoryError, FloatingPointError))
 
 
 def run_script(main, argv=None) -> int:
@@ -200,6 +360,16 @@ def run_script(main, argv=None) -> int:
     where = f" (rank {rank})" if rank is not None else ""
     try:
         main(argv)
+    except Preempted as exc:  # saved: one line, then the same clean end as a finished run
+        print_err(f"hybrid_fc{where}: {exc}")
+        finish_distributed()
+        return exc.code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (start-up, evaluation)
+        if verbose:
+            raise
+        print_err(f"hybrid_fc{where}: interrupted (SIGINT) before a step could be saved; run "
+                  "the same command to start again")
+        return 130
     except RankFailed as exc:
         if verbose:
             raise
@@ -255,5 +425,13 @@ def quiet_logs(rank: int, verbose: bool = False) -> None:
     try:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
+        ds_logger.addFilter(_untested_optimizer_filter)
     except ImportError:  # pragma: no cover - deepspeed is a dependency
         pass
+
+
+def _untested_optimizer_filter(record: logging.LogRecord) -> bool:
+    """DeepSpeed warns "You are using ZeRO with an untested optimizer" for torch's SGD, the
+    shipped presets' backbone optimizer: every run, nothing to do (SGD under ZeRO 1-3 is
+    tested against a dense reference in tests/test_engine.py). Dropped unless --verbose."""
+    return "untested optimizer" not in record.getMessage()

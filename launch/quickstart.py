@@ -14,7 +14,9 @@ prints the loss every 25 steps, verification accuracy on 600 pairs of 200 held-o
 (runs/quickstart/heldout_pairs.bin, insightface .bin format) every 100 steps and at the end,
 checkpoints to runs/quickstart, and fails unless the loss fell. On a 2-core CPU VM it took 56 s:
 held-out accuracy 89.7% at step 100, 96.5% at 200, 97.0% at 300 (an untrained backbone: 57%).
-Run it again and it resumes from the last checkpoint (train.steps=600 continues training).
+Run it again and it resumes from the last checkpoint, which is the end of its 300 steps:
+nothing to do (train.steps=600 schedule.allow_change=true continues training over a new
+schedule; a fresh run needs another --out).
 
     python launch/quickstart.py --short --out /tmp/qs   # the same job at toy size (~30 s on
                                                         # one core): what the tests run
@@ -84,7 +86,8 @@ def main(argv=None):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     for line in proc.stdout:  # show people rank 0's progress lines and errors
-        if line.startswith(("step ", "hybrid_fc:", "verify ")) or "rror" in line:
+        if line.startswith(("step ", "start:", "verify ", "done at", "resume", "hybrid_fc",
+                            "tensorboard")) or "rror" in line:
             print(line, end="", flush=True)
     rc = proc.wait()
     if rc != 0:

@@ -27,7 +27,6 @@ optimizer. Every YAML field can be overridden: `head.sample_rate=0.1 train.steps
 A run resumes from `train.output_dir/latest` automatically, at any number of ranks.
 """
 import argparse
-import json
 import sys
 
 
@@ -48,9 +47,9 @@ def main(argv=None):
     args = parse_args(argv)
     from hybrid_fc.evaluation import build_verification
     from hybrid_fc.training import Trainer, load_config
+    from hybrid_fc.training.config import load_deepspeed_config
     cfg = load_config(args.config, args.overrides)
-    with open(args.deepspeed_config) as f:
-        ds_cfg = json.load(f)
+    ds_cfg = load_deepspeed_config(args.deepspeed_config)
     return Trainer(cfg, ds_cfg, verbose=args.verbose, verification=build_verification).fit()
 
 

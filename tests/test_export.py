@@ -145,8 +145,9 @@ def test_bf16_class_centers_export_as_fp32_and_say_so(tmp_path):
     for r, (s, n) in enumerate(ranges):
         torch.save({"class_start": s, "num_local": n, "weight": full[s:s + n].clone()},
                    hdir / f"head-rank{r:05d}.pt")
-    (hdir / "meta.json").write_text(json.dumps({"num_classes": 7, "embedding_size": 4,
-                                                "class_ranges": ranges}))
+    (hdir / "meta.json").write_text(json.dumps({
+        "format": 1, "num_classes": 7, "embedding_size": 4, "world_size": 2, "dp_world_size": 2,
+        "global_steps": 1, "class_ranges": ranges}))
     (tmp_path / "run" / "latest").write_text("global_step1")
     said = []
     path = export_class_centers(str(tmp_path / "run"), str(tmp_path / "c.npy"), report=said.append)

@@ -67,7 +67,7 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
         assert [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer")
                 and n.split("_")[-2] == str(port)] == []
     node0 = outs[0]
-    assert "hybrid_fc: 2 ranks" in node0 and "fresh start" in node0
+    assert "start: 2 ranks" in node0 and "fresh start" in node0
     assert "done at step 6" in node0
     run = tmp_path / "run"
     from hybrid_fc.training.metrics import read_metrics
@@ -93,8 +93,11 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
                               timeout=300)
     refused = resume()
     assert refused.returncode != 0
-    assert "trained towards 6 steps, this run says 9" in refused.stderr
+    assert "trained with train.steps=6, this run says 9" in refused.stderr
     assert "schedule.allow_change=true" in refused.stderr
+    # the LR it names is the one the run logged at its last step (was: "0 -> 2.551e-06")
+    logged = [r["lr"] for r in read_metrics(str(run), "train") if r["step"] == 6][0]
+    assert f"would jump from {logged:.6g} (step 6, as logged)" in refused.stderr
     assert (run / "latest").read_text() == "global_step6"
     single = resume("schedule.allow_change=true")
     out = single.stdout + single.stderr
@@ -105,7 +108,7 @@ def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_p
     assert change["old_global_batch"] == 2 * change["new_global_batch"]
     assert change["head_lr_before"] != change["head_lr_after"]
     assert "resume changes the run" in out and "global batch" in out
-    assert "hybrid_fc: 1 ranks" in out and "resumed at step 6" in out and "done at step 9" in out
+    assert "start: 1 rank," in out and "resumed at step 6" in out and "done at step 9" in out
     assert (run / "latest").read_text() == "global_step9"
     # train.keep_last=1: the older tags went after the new save
     assert sorted(n for n in os.listdir(run) if n.startswith("global_step")) == ["global_step9"]
@@ -136,7 +139,8 @@ def _train_in_process(rank, world_size, out, pairs):
     for bad in (["train.stepz=3"], ["head.sample_rate=1.5"], ["eval.bins=missing.bin"],
                 # 4 billion classes x 512 on two CPU ranks: refused by the memory plan before
                 # anything is allocated, on every rank, with the table
-                ["head.num_classes=4000000000", "model.embedding_size=512"],
+                ["head.num_classes=4000000000", "model.embedding_size=512",
+                 f"train.output_dir={out}_big"],
                 ["head_optim.lr=inf"],
                 # finite but absurd: the centers overflow, the next loss is nan -> every rank
                 # stops naming the step and the last good checkpoint (none in this folder)
@@ -169,7 +173,7 @@ def test_train_main_synthetic_source_verification_and_config_errors(tmp_path):
         assert "head: centers" in errors[3] and "largest class count" in errors[3]
         assert "head_optim.lr: must be a finite number, got inf" in errors[4]
         assert re.match(r"FloatingPointError: non-finite loss \(nan\) at step [23];", errors[5])
-        assert "last good checkpoint is none" in errors[5]
+        assert "no checkpoint in" in errors[5]
         if rank == 0:   # verified at steps 3 and 6, then the end (8); printed by rank 0 only
             assert printed.count("verify [pairs] step") == 3, printed
         else:

@@ -46,8 +46,9 @@ def _run_dir(tmp_path):
     run = tmp_path / "run"
     hdir = run / "global_step1" / "hybrid"
     hdir.mkdir(parents=True)
-    (hdir / "meta.json").write_text(json.dumps({"num_classes": 4, "embedding_size": 2,
-                                                "class_ranges": [[0, 4]]}))
+    (hdir / "meta.json").write_text(json.dumps({
+        "format": 1, "num_classes": 4, "embedding_size": 2, "world_size": 1, "dp_world_size": 1,
+        "global_steps": 1, "class_ranges": [[0, 4]]}))
     (run / "latest").write_text("global_step1")
     return run, hdir
 

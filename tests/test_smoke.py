@@ -52,7 +52,7 @@ def quickstart(tmp_path_factory):
 
 def test_quickstart_short_trains_verifies_and_checkpoints(quickstart):
     out, stdout = quickstart
-    assert "hybrid_fc: 2 ranks" in stdout and "fresh start" in stdout
+    assert "start: 2 ranks" in stdout and "fresh start" in stdout
     assert "loss " in stdout and "over steps 2..8" in stdout      # its own "did the loss fall"
     from hybrid_fc.training.metrics import read_metrics
     train = read_metrics(str(out), "train")

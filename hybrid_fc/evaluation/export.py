@@ -148,6 +148,27 @@ def model_overrides(args) -> Dict[str, Any]:
                 input_size=args.input_size)
 
 
+def _read_model_json(path: str) -> Optional[Dict[str, Any]]:
+    """The model config written beside an exported backbone.pt (None when there is none),
+    checked: a JSON object whose known fields have their types; errors name the file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object with backbone, embedding_size, "
+                              f"input_size, got {type(cfg).__name__}")
+    for key, kind in (("backbone", str), ("embedding_size", int), ("input_size", int),
+                      ("backbone_kwargs", dict)):
+        if key in cfg and (not isinstance(cfg[key], kind) or isinstance(cfg[key], bool)):
+            raise CheckpointError(f"{path}: {key} must be a {kind.__name__}, got "
+                                  f"{cfg[key]!r:.80}")
+    return cfg
+
+
 def load_backbone(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
                   model: Optional[str] = None, **model_overrides
                   ) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -160,12 +181,12 @@ def load_backbone(path: str, tag: Optional[str] = None, trust_checkpoint: bool =
     path): factory() builds the module the weights are loaded into; the registry is not used."""
     from hybrid_fc.backbones import build_backbone
     if os.path.isfile(path):
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        side = os.path.splitext(path)[0] + ".json"
-        cfg = None
-        if os.path.isfile(side):
-            with open(side) as f:
-                cfg = json.load(f)
+        sd = load_file(path)  # data only; a crafted or truncated file is a CheckpointError
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                               for k, v in sd.items()):
+            raise CheckpointError(f"{path}: not a state dict (a mapping of parameter names to "
+                                  "tensors, as launch/export.py writes)")
+        cfg = _read_model_json(os.path.splitext(path)[0] + ".json")
         source = path
     else:
         sd, cfg, source = load_backbone_weights(path, tag, trust_checkpoint)
@@ -233,11 +254,10 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
     (head.weight_dtype=bfloat16) are widened to fp32 exactly; `report` (e.g. print) is told the
     stored dtype when it is not fp32."""
     save_dir, tag = resolve_checkpoint(path, tag)
-    try:
-        meta = read_meta(save_dir, tag)
-    except FileNotFoundError:
-        raise CheckpointError(f"{os.path.join(save_dir, tag)} has no hybrid/meta.json: not a "
-                              "hybrid_fc checkpoint, so it holds no head shards") from None
+    if not os.path.isdir(os.path.join(save_dir, tag, "hybrid")):
+        raise CheckpointError(f"{os.path.join(save_dir, tag)} has no hybrid/ folder: not a "
+                              "hybrid_fc checkpoint, so it holds no head shards")
+    meta = read_meta(save_dir, tag)
     C, D = int(meta["num_classes"]), int(meta["embedding_size"])
     tmp = None
     if out is not None:  # written under a temporary name: a failure leaves no loadable file

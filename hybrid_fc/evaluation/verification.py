@@ -322,7 +322,7 @@ def embed_pair_set(model, pairs: PairSet, image_size: int, *, batch_size: int = 
     return full.cpu().numpy(), xnorm
 
 
-# -- metrics ----------------------------------------------------------------------------------------
+# -- metrics ---------------------------------------------------------------------------------
 def kfold_folds(n: int, nfolds: int = 10) -> List[Tuple[int, int]]:
     """Contiguous [lo, hi) test folds: sklearn KFold(nfolds, shuffle=False)'s split."""
     if nfolds < 2 or n < nfolds:
@@ -482,7 +482,7 @@ class VerificationHook:
         self.flip, self.nfolds, self.group, self.writer = flip, nfolds, group, writer
         self.rank, self.world = group_rank(group), group_size(group)
         self.print_fn = print_fn or (lambda s: print(s, flush=True))
-        self.record = record  # record("verify", **fields): a metrics sink (hybrid_fc.training.metrics)
+        self.record = record  # record("verify", **fields): hybrid_fc.training.metrics' sink
         self.sets: List[PairSet] = []
         self.decoded: List[torch.Tensor] = []
         self.best: Dict[str, float] = {}

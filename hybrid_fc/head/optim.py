@@ -267,7 +267,8 @@ class SparseAdamW(_RowwiseOptimizer):
 
     _STATE_KEYS = {"exp_avg": True, "exp_avg_sq": False}
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01,
                  state_dtype: torch.dtype = torch.float32, rounding: str = "stochastic",
                  seed: int = 0):

@@ -231,8 +231,12 @@ class PartialFC(nn.Module):
         type, shape, length and device problems and (check_inputs) label range and non-finite
         values all travel in one small all-gather, before any collective that could block."""
         group = self.process_group
+        # what every rank must agree on: the head's shape and the embeddings' dtype (a rank
+        # with another num_classes would leave classes on no rank; mixed dtypes abort gloo)
+        agree = [self.num_classes, self.embedding_size,
+                 -1 if problem is not None else _dtype_code(embeddings.dtype)]
         if problem is not None:  # nothing computed from the inputs: they may be anything
-            meta = torch.tensor([0, 0, 0, *problem], device=comm_device(group))
+            meta = torch.tensor([0, 0, 0, *problem, *agree], device=comm_device(group))
         else:
             device = embeddings.device
             count = torch.tensor(labels.shape[0], device=device)
@@ -243,11 +247,23 @@ class PartialFC(nn.Module):
                 bad_label = nonfinite = torch.zeros((), dtype=torch.long, device=device)
             zero = torch.zeros((), dtype=torch.long, device=device)
             meta = torch.stack([count, bad_label.to(device), nonfinite.to(device)]
-                               + [zero] * 4).long()
+                               + [zero] * 4 + [torch.tensor(v, device=device) for v in agree]
+                               ).long()
         metas = gather_batch_meta(meta.long(), group)
         for r, m in enumerate(metas):
             if m[3]:
                 raise self._problem_error(r, tuple(m[3:7]))
+        for r, m in enumerate(metas):
+            if m[7:9] != metas[0][7:9]:
+                raise ValueError(f"rank {r} built PartialFC with num_classes={m[7]}, "
+                                 f"embedding_size={m[8]} but rank 0 with num_classes="
+                                 f"{metas[0][7]}, embedding_size={metas[0][8]}: every rank must "
+                                 "build the head with the same arguments")
+        codes = {m[9] for m in metas}
+        if len(codes) > 1:
+            names = ", ".join(f"rank {r}: {_dtype_name(m[9])}" for r, m in enumerate(metas))
+            raise TypeError(f"the ranks passed embeddings of different dtypes ({names}): every "
+                            "rank must pass the same dtype (one autocast / engine precision)")
         for r, (_, bad, nonfin, *_) in enumerate(metas):
             if bad:
                 raise ValueError(f"rank {r}: {bad} label(s) outside [0, {self.num_classes})")

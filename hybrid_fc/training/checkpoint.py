@@ -32,6 +32,7 @@ saved values. Every file is read as data only (`load_file`: torch.load(weights_o
 a crafted checkpoint cannot run code. DeepSpeed's own files (its loader unpickles them) are
 read only when the caller says it trusts them (trust_deepspeed_files=True, same size only).
 """
+import contextlib
 import glob
 import json
 import os
@@ -168,6 +169,46 @@ def model_config(save_dir: str, client_state: Optional[dict]) -> Optional[Dict[s
 
 
 # -- small file utilities ----------------------------------------------------------------------
+def _free_space(path: str) -> str:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        return f"{st.f_bavail * st.f_frsize / 1e9:.2f} GB free there"
+    except OSError:
+        return "free space unknown"
+
+
+@contextlib.contextmanager
+def _deferred_write_errors(engine):
+    """DeepSpeed's save_checkpoint writes each rank's files between barriers: a rank whose
+    write fails (disk full, a folder at the file's path) raises out of it while every other
+    rank waits in its final barrier for ever. Inside this block the engine's writer records the
+    failure (path, exception) in the yielded list, removes the partial file and skips this
+    rank's remaining files, so every rank reaches the barrier; the caller then shares the
+    failure with all ranks (agree_on_error)."""
+    ce = engine.checkpoint_engine
+    failed = []
+    write = ce.save
+
+    def save(state_dict, path, *args, **kwargs):
+        if failed:
+            return None
+        try:
+            return write(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as exc:  # torch.save: RuntimeError on a full disk
+            failed.append((path, exc))
+            if os.path.isfile(path):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+            return None
+    ce.save = save
+    try:
+        yield failed
+    finally:
+        del ce.save  # the instance attribute goes; the class's method is back
+
+
 def _atomic_write(path: str, write) -> None:
     """write(tmp) to `path`.tmp.<pid>, then rename it into place. A failure (disk full, a file
     size limit, EIO) removes the temporary file and raises CheckpointError naming the file and
@@ -181,14 +222,9 @@ def _atomic_write(path: str, write) -> None:
             os.remove(tmp)
         except OSError:
             pass
-        try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(path)))
-            free = f"{st.f_bavail * st.f_frsize / 1e9:.2f} GB free there"
-        except OSError:
-            free = "free space unknown"
         raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {str(exc)[:200]}; "
-                              f"{free}): disk full, a quota or file-size limit, or an I/O "
-                              "error; nothing of this checkpoint is marked complete") from None
+                              f"{_free_space(path)}): disk full, a quota or file-size limit, or "
+                              "an I/O error; nothing of this checkpoint is marked complete") from None
 
 
 def _atomic_torch_save(obj, path: str) -> None:
@@ -228,13 +264,57 @@ def remove_stale_temps(save_dir: str) -> List[str]:
 
 
 def latest_tag(load_dir: str) -> Optional[str]:
-    """The tag named by `load_dir/latest`, or None when there is no complete checkpoint."""
+    """The tag named by `load_dir/latest`, or None when there is no `latest` file.
+
+    A `latest` that does not name a checkpoint of this folder is an error, never a fresh
+    start (which would write over the checkpoints): empty, unreadable, more than a plain
+    folder name (`../other_run/global_step6`, an absolute path) or a folder that is not there.
+    """
     path = os.path.join(load_dir, _LATEST)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
-    with open(path) as f:
-        tag = f.read().strip()
-    return tag or None
+    try:
+        with open(path) as f:
+            tag = f.read(4097).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); it should hold the name of the "
+                              "newest checkpoint folder, e.g. global_step2000") from None
+    fix = (f"write the name of a complete checkpoint folder of {load_dir} into it (echo "
+           f"global_stepN > {path}), or use a new train.output_dir")
+    if not tag:
+        raise CheckpointError(f"{path} is empty: {fix}")
+    if not _plain_name(tag):
+        raise CheckpointError(f"{path} names {tag[:200]!r}, which is not a checkpoint folder "
+                              f"of this run (a plain folder name inside it): {fix}")
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"{path} names {tag!r} but {os.path.join(load_dir, tag)} does not "
+                              f"exist: {fix}")
+    return tag
+
+
+def _plain_name(name: str) -> bool:
+    """One path component: no separators, not '.', '..', no NUL, not hidden."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and os.sep not in name and "\0" not in name and not name.startswith("."))
+
+
+def find_checkpoint(load_dir: str) -> Optional[str]:
+    """The tag a run in `load_dir` resumes from (its `latest`), or None for a fresh start.
+    A folder that holds complete checkpoints but no `latest` is refused: a fresh start would
+    write over them (CheckpointError naming the newest)."""
+    tag = latest_tag(load_dir)
+    if tag is not None or not os.path.isdir(load_dir):
+        return tag
+    found = []
+    for name in os.listdir(load_dir):
+        if os.path.isfile(os.path.join(load_dir, name, _HYBRID, _META)):
+            found.append(name)
+    if found:
+        raise CheckpointError(f"{load_dir} holds checkpoints ({', '.join(sorted(found)[-3:])}) "
+                              f"but no `latest` file: write the one to resume from into "
+                              f"{os.path.join(load_dir, _LATEST)}, or use a new "
+                              "train.output_dir (a fresh start here would overwrite them)")
+    return None
 
 
 def _barrier():
@@ -619,18 +699,28 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     except (CheckpointError, OSError) as exc:
         error = exc
     agree_on_error(error)
-    try:
-        engine.save_checkpoint(save_dir, tag, client_state=client_state or {}, save_latest=False)
-    except (OSError, RuntimeError) as exc:
-        error = CheckpointError(f"DeepSpeed's files in {folder} ({type(exc).__name__}: "
-                                f"{str(exc)[:200]}): disk full, a quota or an I/O error?")
+    with _deferred_write_errors(engine) as failed:
+        try:
+            engine.save_checkpoint(save_dir, tag, client_state=client_state or {},
+                                   save_latest=False)
+        except (OSError, RuntimeError) as exc:
+            failed.append((folder, exc))
+    if failed:
+        path, exc = failed[0]
+        error = CheckpointError(f"cannot write DeepSpeed's file {path} ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}; {_free_space(path)}): disk full, a quota, "
+                                "an I/O error or something else at that path; nothing of this "
+                                "checkpoint is marked complete")
     agree_on_error(error)
     if rank == 0:
         meta = {"format": FORMAT, "tag": tag, "num_classes": head.num_classes,
                 "embedding_size": head.embedding_size, "world_size": head.world_size,
                 "dp_world_size": engine.dp_world_size, "global_steps": engine.global_steps,
-                "class_ranges": [[r.start, r.num_local] for r in _ranges(head)],
-                "files": [_BACKBONE] + [_head_file(r) for r in range(head.world_size)]}
+                "class_ranges": [[r.start, r.num_local]
+                                 for r in _ranges_of(head.num_classes, head.world_size)],
+                "files": [_BACKBONE] + [_head_file(r) for r in range(head.world_size)],
+                "experiment": (client_state or {}).get("experiment") or {},
+                "run": (client_state or {}).get("run") or {}}
         try:
             _atomic_write_text(json.dumps(meta, indent=1), os.path.join(hfolder, _META))
         except CheckpointError as exc:
@@ -676,50 +766,82 @@ def prune_checkpoints(save_dir: str, keep_last: int) -> List[str]:
     return removed
 
 
-def _ranges(head):
+def _ranges_of(num_classes: int, world_size: int):
     from ..head.partition import shard_ranges
-    return shard_ranges(head.num_classes, head.world_size)
+    return shard_ranges(num_classes, world_size)
 
 
 def read_meta(load_dir: str, tag: str) -> Dict[str, Any]:
+    """A checkpoint's hybrid/meta.json, checked: every field there with its type, and class
+    ranges that tile [0, num_classes) over `world_size` shards (CheckpointError naming the file
+    and field otherwise). It also holds the run's experiment config and run facts (world size,
+    global batch, data), so a resume can be checked before anything is built."""
     path = os.path.join(load_dir, tag, _HYBRID, _META)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: {os.path.join(load_dir, tag)} is not a "
-                                "complete hybrid_fc checkpoint")
+        raise CheckpointError(f"{path} is missing: {os.path.join(load_dir, tag)} is not a "
+                              "complete hybrid_fc checkpoint")
     with open(path) as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
+            meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint's metadata "
                                   "is corrupt") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, low in (("num_classes", 1), ("embedding_size", 1), ("world_size", 1),
+                     ("dp_world_size", 1), ("global_steps", 0)):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise CheckpointError(f"{path}: {key} must be an integer >= {low}, got {value!r}; "
+                                  "the checkpoint's metadata is corrupt")
+    ranges = meta.get("class_ranges")
+    expected = [[r.start, r.num_local] for r in _ranges_of(meta["num_classes"],
+                                                            meta["world_size"])]
+    if ranges != expected:
+        raise CheckpointError(f"{path}: class_ranges {str(ranges)[:120]} are not the split of "
+                              f"{meta['num_classes']} classes over {meta['world_size']} head "
+                              "shards; the checkpoint's metadata is corrupt")
+    for key in ("experiment", "run"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise CheckpointError(f"{path}: {key} must be a JSON object")
+    return meta
 
 
 def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
                     trust_deepspeed_files: bool = False) -> Optional[Dict[str, Any]]:
     """Restore a checkpoint saved by `save_checkpoint` at any number of ranks.
 
-    Returns the saved client_state, or None when `load_dir` has no checkpoint (fresh start);
-    its "rank_state" entry is this rank's `rank_state` when the number of ranks is unchanged,
-    else None (a per-rank data position has no meaning at another size).
+    Returns the saved client_state, or None when `load_dir` has no checkpoint (fresh start),
+    with two entries added: "same_layout" (the same number of head ranks) and "rank_state":
+    this rank's own `rank_state` when the layout is the same, else rank 0's (a per-rank data
+    position can only move to the same fraction of its epoch at another size).
     Everything is read as data only (`load_file`): the backbone from hybrid/backbone.pt, the
     head from its shards, at any size. trust_deepspeed_files=True lets DeepSpeed's own loader
     read its files instead at the same data-parallel size (needed only for fp16 or bf16 without
     ZeRO); that loader unpickles them, so a crafted checkpoint could run code: trusted
-    checkpoints only. Collective: every rank calls it."""
+    checkpoints only. A checkpoint of non-finite weights is refused on every rank (it is not
+    "the last good one"). Collective: every rank calls it."""
     engine, head = hybrid.engine, hybrid.head
     tag = tag or latest_tag(load_dir)
     if tag is None:
         return None
     meta = read_meta(load_dir, tag)
+    where = os.path.join(load_dir, tag)
     for field, mine in (("num_classes", head.num_classes),
                         ("embedding_size", head.embedding_size)):
         if meta[field] != mine:
-            raise CheckpointMismatch(f"{field}: the checkpoint {os.path.join(load_dir, tag)} "
-                                     f"has {field}={meta[field]} but the head has {mine}")
+            raise CheckpointMismatch(f"{field}: the checkpoint {where} has {field}="
+                                     f"{meta[field]} but the head has {mine}")
     folder = os.path.join(load_dir, tag, _HYBRID)
     same_size = meta["dp_world_size"] == engine.dp_world_size
+    bad = []
     if not (trust_deepspeed_files and same_size):
         bstate = load_file(os.path.join(folder, _BACKBONE))
+        if not isinstance(bstate, dict) or not isinstance(bstate.get("params"), dict):
+            raise CheckpointError(f"{os.path.join(folder, _BACKBONE)}: not a backbone state "
+                                  "written by hybrid_fc (no 'params')")
+        bad = [n for n, v in bstate["params"].items() if torch.is_tensor(v)
+               and v.is_floating_point() and not bool(torch.isfinite(v).all())]
         try:
             load_backbone_state(engine, bstate)
         except NotImplementedError as exc:
@@ -733,10 +855,23 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
         path, client_state = engine.load_checkpoint(load_dir, tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(load_dir, tag)}")
+            raise FileNotFoundError(f"DeepSpeed could not load {where}")
         _link_optimizer_state(engine)
     client_state = dict(client_state or {})
-    client_state["rank_state"] = _load_head(hybrid, load_dir, tag, meta,
-                                            same_layout=meta["world_size"] == head.world_size)
+    same_layout = meta["world_size"] == head.world_size
+    client_state["same_layout"] = same_layout
+    client_state["rank_state"] = _load_head(hybrid, load_dir, tag, meta, same_layout)
+    if not same_layout:  # rank 0's data position, for the same fraction of the epoch
+        shard = load_file(head_shard_file(load_dir, tag, 0), mmap=True)
+        client_state["rank_state"] = shard.get("rank_state") if isinstance(shard, dict) else None
+    if not bool(torch.isfinite(head.weight.detach()).all()):
+        bad.append(f"head centers of classes [{head.class_start}, "
+                   f"{head.class_start + head.num_local})")
+    from ..collectives import all_ranks_true
+    if not all_ranks_true(not bad):
+        raise CheckpointError(f"{where} holds non-finite weights ("
+                              f"{', '.join(bad[:3]) or 'on another rank'}): it is not a usable "
+                              f"checkpoint; write an earlier tag into "
+                              f"{os.path.join(load_dir, _LATEST)} to resume from it")
     _barrier()
     return client_state

@@ -26,7 +26,8 @@ from ..head.precision import ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, dtype_names
 from .engine import WarmupDecay
 
 __all__ = ["ModelConfig", "HeadConfig", "HeadOptimConfig", "ScheduleConfig", "DataConfig",
-           "TrainConfig", "EvalConfig", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict"]
+           "TrainConfig", "EvalConfig", "ExperimentConfig", "load_config", "apply_overrides",
+           "config_to_dict", "load_deepspeed_config", "check_deepspeed_config"]
 
 
 def _require(cond: bool, name: str, msg: str, value: Any):
@@ -243,8 +244,14 @@ class TrainConfig:
     files (a crafted checkpoint could run code); only fp16 or bf16 without ZeRO needs it. By
     default every file is read as data only (hybrid/backbone.pt and the head shards)."""
     memory_check: bool = True
-    """Plan every rank's memory before building anything (hybrid_fc.training.plan, as launch/plan.py)
-    and refuse a run that will not fit, printing the plan and the setting to change."""
+    """Plan every rank's memory before building anything (hybrid_fc.training.plan, as
+    launch/plan.py) and refuse a run that will not fit, printing the plan and the setting to
+    change."""
+    preempt_save_s: float = 120.0
+    """On SIGTERM / SIGINT every rank finishes its step and saves a checkpoint; if that save
+    takes longer than this many seconds the run stops without it (`latest` keeps the previous
+    checkpoint). Keep it below the grace period of your scheduler (SLURM --signal=TERM@T,
+    Kubernetes terminationGracePeriodSeconds; DeepSpeed's launcher kills after 30 s)."""
 
     def __post_init__(self):
         _require_finite(self, "train")
@@ -255,6 +262,8 @@ class TrainConfig:
                  self.keep_last)
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0",
                  self.checkpoint_every)
+        _require(self.preempt_save_s > 0, "train.preempt_save_s", "must be > 0 seconds",
+                 self.preempt_save_s)
 
 
 @dataclass
@@ -450,8 +459,15 @@ def _read_yaml(path: str, seen=()) -> Dict[str, Any]:
     path = os.path.abspath(path)
     if path in seen:
         raise ValueError(f"config {path}: `base:` chain loops back to itself")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config {path}: no such file")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:  # a syntax error, or a tag such as !!python/object
+            first = " ".join(str(exc).split())[:300]
+            raise ValueError(f"config {path}: not a plain YAML mapping ({first}); configs hold "
+                             "numbers, strings, lists and mappings only") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config {path}: expected a mapping of sections at the top level")
     for section, values in raw.items():
@@ -477,3 +493,58 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ex
     """Read a YAML experiment config (with `base:` inheritance), apply overrides, validate."""
     raw = _read_yaml(path) if path else {}
     return _from_dict(apply_overrides(raw, overrides))
+
+
+# -- the DeepSpeed JSON ------------------------------------------------------------------------
+_DS_POSITIVE_INTS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "train_batch_size")
+
+
+def check_deepspeed_config(ds: Any, where: str = "the DeepSpeed config") -> Dict[str, Any]:
+    """The DeepSpeed JSON owns the engine (this module's docstring); DeepSpeed itself accepts
+    non-finite numbers (`"gradient_clipping": NaN` trains to nan) and checks little before the
+    model is built. Checked here, before anything large exists: a JSON object, every number
+    finite (NaN / Infinity are JSON extensions Python reads), the batch sizes positive integers,
+    the ZeRO stage 0-3. Returns `ds`; ValueError naming `where` and the key otherwise."""
+    if not isinstance(ds, dict):
+        raise ValueError(f"{where}: expected a JSON object of DeepSpeed settings, got "
+                         f"{type(ds).__name__}")
+
+    def walk(value, key):
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+    walk(ds, "")
+    for key in _DS_POSITIVE_INTS:
+        if key in ds and (isinstance(ds[key], bool) or not isinstance(ds[key], int)
+                          or ds[key] < 1):
+            raise ValueError(f"{where}: {key} must be a positive integer, got {ds[key]!r}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ValueError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got "
+                         f"{zero.get('stage') if isinstance(zero, dict) else zero!r}")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ValueError(f"{where}: gradient_clipping must be a number >= 0, got {clip!r}")
+    return ds
+
+
+def load_deepspeed_config(path: str) -> Dict[str, Any]:
+    """Read and check a DeepSpeed JSON (check_deepspeed_config); errors name the file."""
+    import json
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config {path}: no such file")
+    with open(path) as f:
+        try:
+            ds = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"DeepSpeed config {path}: not valid JSON ({exc})") from None
+    return check_deepspeed_config(ds, f"DeepSpeed config {path}")

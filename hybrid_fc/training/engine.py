@@ -64,7 +64,8 @@ class WarmupDecay:
             return 1.0
         span = max(1, self.total_steps - self.warmup_steps)
         t = min(1.0, max(0.0, (step - self.warmup_steps) / span))
-        shape = (1.0 - t) ** self.power if self.decay == "poly" else 0.5 * (1 + math.cos(math.pi * t))
+        shape = ((1.0 - t) ** self.power if self.decay == "poly"
+                 else 0.5 * (1 + math.cos(math.pi * t)))
         return self.min_ratio + (1.0 - self.min_ratio) * shape
 
     def __repr__(self):
@@ -156,7 +157,8 @@ class HybridEngine:
     # -- properties for logging ------------------------------------------------------------
     @property
     def global_steps(self) -> int:
-        """Optimizer steps taken by the engine (skipped fp16 steps included, as DeepSpeed counts)."""
+        """Optimizer steps taken by the engine (skipped fp16 steps included, as DeepSpeed
+        counts)."""
         return self.engine.global_steps
 
     @property

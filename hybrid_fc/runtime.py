@@ -348,9 +348,9 @@ def _input_error(exc: BaseException) -> bool:
     return mine or isinstance(exc, (ValueError, OSError, MemoryError, FloatingPointError))
 
 
-def run_script(main, argv=None) -> int:
+def run_script(main, argv=None, status: bool = False) -> int:
     """A launch script's entry: main(argv), then the process group's clean end; returns the
-    exit status. Logs stay readable on N ranks: a rank that stops because another failed
+    exit status (with `status`, the int main returned; else 0). Logs stay readable on N ranks: a rank that stops because another failed
     (RankFailed) prints one line naming that rank; an input error (a bad config field, file,
     shard...) prints its message as one line per rank that raised it; anything else is a bug
     and keeps its traceback. `--verbose` (or HYBRID_FC_TRACEBACK=1) shows every traceback."""
@@ -359,7 +359,7 @@ def run_script(main, argv=None) -> int:
     rank = os.environ.get("RANK")
     where = f" (rank {rank})" if rank is not None else ""
     try:
-        main(argv)
+        returned = main(argv)
     except Preempted as exc:  # saved: one line, then the same clean end as a finished run
         print_err(f"hybrid_fc{where}: {exc}")
         finish_distributed()
@@ -382,7 +382,7 @@ def run_script(main, argv=None) -> int:
                   "or --verbose shows the traceback)")
         return 1
     finish_distributed()
-    return 0
+    return int(returned) if status else 0
 
 
 def rank_memory_bytes(device: torch.device) -> Tuple[int, float]:

@@ -30,6 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+DEFAULT_MICRO_BATCH = 128
 
 
 def parse_args(argv=None):
@@ -43,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--gpus", type=int, required=True, help="ranks in all (nodes x GPUs)")
     p.add_argument("--gpu-memory", required=True, help="memory per rank, e.g. 80GB or 80GiB")
     p.add_argument("--sample-rate", type=float, default=None, help="head.sample_rate")
-    p.add_argument("--micro-batch", type=int, default=None, help="images per rank per step")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="images per rank per step (default: the JSON's, else 128)")
     p.add_argument("--backbone", default=None, help="model.backbone (a registry name)")
     p.add_argument("--input-size", type=int, default=None, help="model.input_size")
     p.add_argument("--weight-dtype", default=None, choices=dtype_names(WEIGHT_DTYPES))
@@ -56,8 +58,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Print the plan; returns the exit status (0 fits, 3 does not)."""
     args = parse_args(argv)
-    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.config import load_config, load_deepspeed_config
     from hybrid_fc.training.plan import parse_bytes, parse_count, plan_experiment
     overrides = [] if args.config else ["head.sparse_grad=true", "head_optim.name=sparse_sgd",
                                         "data.source=synthetic"]
@@ -69,22 +72,34 @@ def main(argv=None) -> int:
              ("head.chunk_size", None if args.chunk_size is None else (args.chunk_size or "null"))]
     overrides += [f"{k}={v}" for k, v in pairs if v is not None] + list(args.overrides)
     cfg = load_config(args.config, overrides)
+    notes = []
     if args.deepspeed_config:
-        with open(args.deepspeed_config) as f:
-            ds = json.load(f)
+        ds = load_deepspeed_config(args.deepspeed_config)
     else:
         ds = {"bf16": {"enabled": True}}
+        notes.append("no --deepspeed_config: the backbone is planned as bf16, ZeRO-0, SGD")
     if args.micro_batch is not None:
         ds = dict(ds, train_micro_batch_size_per_gpu=args.micro_batch)
+    elif "train_micro_batch_size_per_gpu" not in ds and "train_batch_size" not in ds:
+        ds = dict(ds, train_micro_batch_size_per_gpu=DEFAULT_MICRO_BATCH)
+        notes.append(f"micro batch {DEFAULT_MICRO_BATCH} images per rank (the default; "
+                     "--micro-batch to change)")
+    if args.sample_rate is None and not args.config:
+        notes.append("sample rate 1.0: every class is scored each step (the default; Partial "
+                     "FC runs use 0.1-0.3: --sample-rate)")
     result = plan_experiment(cfg, ds, args.gpus, parse_bytes(args.gpu_memory),
                              reserve=parse_bytes(args.reserve))
     print(f"{cfg.model.backbone}, {cfg.head.num_classes:,} classes x "
           f"{cfg.model.embedding_size}, sample rate {cfg.head.sample_rate}, "
-          f"{args.gpus} ranks, {args.deepspeed_config or 'bf16 ZeRO-0 SGD (no --deepspeed_config)'}")
+          f"micro batch {result.inp.micro_batch}, {args.gpus} ranks, "
+          f"{args.deepspeed_config or 'bf16 ZeRO-0 SGD'}")
+    for note in notes:
+        print(f"note: {note}")
     print(result.table())
     print(json.dumps(result.summary()), flush=True)
     return 0 if result.fits else 3
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hybrid_fc.runtime import run_script
+    sys.exit(run_script(main, status=True))

@@ -315,3 +315,40 @@ def test_prune_keeps_the_newest_and_latest_and_in_flight_tags(tmp_path):
                                             "global_step600", "latest", "tb"]
     with pytest.raises(ValueError, match="keep_last"):
         prune_checkpoints(str(tmp_path), 0)
+
+
+# -- DeepSpeed's own LR scheduler --------------------------------------------------------------
+def _warmup_lr_worker(rank, world_size, ck, steps, save):
+    import deepspeed
+    from hybrid_fc import ArcFace, PartialFC
+    from hybrid_fc.training import checkpoint as ckpt
+    from hybrid_fc.training.engine import HybridEngine
+    net = TinyNet()
+    cfg = ds_config(1, micro=MICRO, world_size=world_size,
+                    scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0,
+                                                              "warmup_max_lr": 0.05,
+                                                              "warmup_num_steps": 10}})
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
+    head = PartialFC(ArcFace(S, M), EMB, C)
+    hybrid = HybridEngine(engine, head, torch.optim.SGD(head.parameters(), lr=0.2))
+    if not save:
+        ckpt.load_checkpoint(hybrid, ck)
+    lrs = []
+    for step in range(steps):
+        x, y = batch(engine.global_steps, rank, MICRO, C)
+        hybrid.forward_backward(x, y)
+        hybrid.step()
+        lrs.append(hybrid.backbone_lr)
+    if save:
+        ckpt.save_checkpoint(hybrid, ck)
+    return lrs
+
+
+def test_deepspeed_lr_scheduler_continues_after_a_resume(tmp_path):
+    """Bug caught: DeepSpeed's own LR scheduler state not restored from hybrid/backbone.pt: a
+    WarmupLR restarted its warmup at the resumed step."""
+    ck = str(tmp_path / "ck")
+    straight = run_deepspeed_ranks(1, _warmup_lr_worker, str(tmp_path / "x"), 6, True)[0]
+    first = run_deepspeed_ranks(1, _warmup_lr_worker, ck, 3, True)[0]
+    resumed = run_deepspeed_ranks(1, _warmup_lr_worker, ck, 3, False)[0]
+    assert first + resumed == straight and len(set(straight)) == 6   # still warming up

@@ -85,3 +85,39 @@ def test_head_backend_is_validated(tmp_path):
     with pytest.raises(ValueError,
                        match="head.backend: must be one of auto, torch, triton, got 'cuda'"):
         load_config(None, ["head.backend=cuda"])
+
+
+def test_the_deepspeed_json_is_checked_before_anything_is_built(tmp_path):
+    """Bug caught: `"gradient_clipping": NaN` (Python's json reads NaN) was accepted and trained
+    to nan; a JSON list or a bad batch size failed deep inside DeepSpeed."""
+    from hybrid_fc.training.config import load_deepspeed_config
+    path = tmp_path / "ds.json"
+    for text, match in (('{"train_micro_batch_size_per_gpu": 4, "gradient_clipping": NaN}',
+                         "gradient_clipping must be a finite number, got nan"),
+                        ('{"optimizer": {"params": {"lr": Infinity}}}',
+                         r"optimizer\.params\.lr must be a finite number"),
+                        ('[1, 2]', "expected a JSON object"),
+                        ('{"train_micro_batch_size_per_gpu": 0}',
+                         "train_micro_batch_size_per_gpu must be a positive integer"),
+                        ('{"zero_optimization": {"stage": 4}}', "zero_optimization.stage"),
+                        ('{"gradient_clipping": -1}', "gradient_clipping must be a number >= 0"),
+                        ('{not json', "not valid JSON")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match) as info:
+            load_deepspeed_config(str(path))
+        assert str(path) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_deepspeed_config(str(tmp_path / "missing.json"))
+    for preset in os.listdir(os.path.join(ROOT, "ds_configs")):   # the shipped ones pass
+        load_deepspeed_config(os.path.join(ROOT, "ds_configs", preset))
+
+
+def test_yaml_tags_and_syntax_errors_name_the_file(tmp_path):
+    """Bug caught: a `!!python/object` tag (or a YAML syntax error) gave a traceback."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: not a plain YAML mapping"):
+        load_config(str(path))
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: not a plain YAML mapping"):
+        load_config(str(path))

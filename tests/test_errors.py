@@ -131,3 +131,28 @@ def test_bad_shape_or_type_on_one_rank_raises_the_same_error_on_every_rank(kind,
     msgs = run_ranks(2, _one_rank_bad_input, kind, timeout=60)
     assert msgs == [expected, expected], msgs
     assert time.time() - t < 30   # no rank waited for a collective timeout
+
+
+def _mismatch_worker(rank, world):
+    errors = []
+    head = PartialFC(ArcFace(), 8, 20 + rank)      # rank 1 built with another class count
+    try:
+        head(torch.randn(2, 8), torch.tensor([0, 1]))
+    except ValueError as exc:
+        errors.append(str(exc))
+    head = PartialFC(ArcFace(), 8, 20)
+    x = torch.randn(2, 8).to(torch.bfloat16 if rank == 1 else torch.float32)
+    try:                                           # bf16 embeddings on one rank only
+        head(x, torch.tensor([0, 1]))
+    except TypeError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+def test_ranks_must_agree_on_the_head_and_the_dtype():
+    """Bugs caught: PartialFC built with another num_classes on one rank left a class on no
+    rank (silently); bf16 embeddings on one rank only aborted gloo (SIGABRT)."""
+    for errors in run_ranks(2, _mismatch_worker, timeout=60):
+        assert len(errors) == 2, errors
+        assert "rank 1 built PartialFC with num_classes=21" in errors[0]
+        assert "rank 0: float32, rank 1: bfloat16" in errors[1].replace("torch.", "")

@@ -15,7 +15,8 @@ C, D, SEED = 23, 16, 7  # 23 classes split unevenly over 2, 3 and 4 ranks
 BATCHES = {1: [6], 2: [5, 3], 3: [4, 0, 5], 4: [3, 3, 2, 4]}  # a rank may have no samples
 
 MARGINS = {"arc": lambda: ArcFace(64.0, 0.5), "cos": lambda: CosFace(64.0, 0.4),
-           "combined": lambda: CombinedMarginLoss(32.0, 1.0, 0.3, 0.2)}
+           "combined": lambda: CombinedMarginLoss(32.0, 1.0, 0.3, 0.2),
+           "arc128": lambda: ArcFace(128.0, 0.5)}
 
 
 def _global_batch(sizes, seed=123, dtype=torch.float64):
@@ -37,9 +38,11 @@ def _dense_reference(emb, labels, margin):
     return loss.detach(), e.grad, w.grad
 
 
-def _exact_worker(rank, world, configs):
+def _exact_worker(rank, world, configs, aligned=False):
     sizes = BATCHES[world]
     emb, labels = _global_batch(sizes)
+    if aligned:  # each embedding next to its class center: target logits near +s
+        emb = init_class_centers(0, C, D, SEED).double()[labels] * 100 + emb * 1e-3
     out = []
     for margin_name, sparse, chunk, auto_block in configs:
         margin = MARGINS[margin_name]()
@@ -86,6 +89,19 @@ def test_matches_dense_reference(world):
             assert r["egrad_err"] <= 1e-4 * max(1e-3, r["egrad_scale"]), (cfg, r)
             assert r["wgrad_err"] <= 1e-4 * max(1e-3, r["wgrad_scale"]), (cfg, r)
             assert r["unchanged"], cfg
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_large_logit_scale_is_exact(world):
+    """Bug caught: a log-sum-exp without the max subtracted (exp(128) overflows fp32: nan),
+    which no test at s = 64 sees. Both storage paths: kept exponentials and recomputed blocks."""
+    configs = [("arc128", False, None, 1 << 24), ("arc128", True, 5, 0)]
+    for per_rank in zip(*run_ranks(world, _exact_worker, configs, True)):
+        for r in per_rank:
+            # as test_matches_dense_reference, twice the logit scale: twice the tolerance
+            assert abs(r["loss"] - r["ref_loss"]) <= 4e-5 * max(1.0, abs(r["ref_loss"])), r
+            assert r["egrad_err"] <= 2e-4 * max(1e-3, r["egrad_scale"]), r
+            assert r["wgrad_err"] <= 2e-4 * max(1e-3, r["wgrad_scale"]), r
 
 
 def _sampled_worker(rank, world, sample_rate, margin_name):

@@ -212,7 +212,8 @@ def _train_webdataset(rank, world_size, dataset, out, steps, crash_after=None):
                     f"data.urls={dataset}", "data.num_workers=1", "data.shuffle_buffer=50",
                     "model.input_size=16", "head.num_classes=24", f"train.steps={steps}",
                     "train.checkpoint_every=3", "train.log_every=1", "train.tensorboard=false",
-                    "schedule.warmup_steps=2", f"train.output_dir={out}"])
+                    "schedule.warmup_steps=2", "model.backbone_kwargs={dropout: 0.3}",
+                    f"train.output_dir={out}"])
     return None
 
 
@@ -222,9 +223,10 @@ def test_same_size_resume_is_bit_exact(tmp_path, dataset):
     the step-3 checkpoint, mid-epoch, and redoes steps 4-7). The final checkpoints are equal bit
     for bit (backbone weights, buffers and optimizer state, head centers and optimizer state)
     and so are the losses of steps 4-7: the loader position, the flip generator, the sampler
-    stream, torch's global generator and the LR schedule all come back. (Planted once each:
-    not restoring the flip generator, or the loader's position, fails it; so did the
-    DataLoader drawing its workers' base seed from torch's global generator at every start.)"""
+    stream, torch's global generator (the backbone has dropout) and the LR schedule all come
+    back. (Planted once each: not restoring the flip generator, the loader's position or
+    torch's global generator fails it; so did the DataLoader drawing its workers' base seed
+    from torch's global generator at every start.)"""
     from harness import run_deepspeed_ranks
     from hybrid_fc.training.checkpoint import load_file
     from hybrid_fc.training.metrics import read_metrics

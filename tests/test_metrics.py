@@ -1,5 +1,8 @@
-"""metrics.jsonl: rows written by rank 0 only, read back by programs (hybrid_fc.training.metrics)."""
+"""metrics.jsonl: rows written by rank 0 only, read back by programs
+(hybrid_fc.training.metrics)."""
 import json
+
+import pytest
 
 from hybrid_fc.training.metrics import MetricsLog, read_metrics
 
@@ -35,3 +38,36 @@ def test_other_ranks_write_nothing(tmp_path):
     log.log("x")
     log.close()
     assert not (tmp_path / "r1").exists()
+
+
+def test_an_unwritable_run_folder_is_named(tmp_path):
+    """Bug caught: a run folder whose metrics.jsonl cannot be written (here a folder is in the
+    way; read-only folders and full disks fail the same call) gave a bare traceback."""
+    from hybrid_fc.training.metrics import MetricsLog
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(OSError, match="cannot write the run's logs in .*train.output_dir must "
+                                      "be a writable folder"):
+        MetricsLog(str(tmp_path), 0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="cannot write the run's logs in"):
+        MetricsLog(str(tmp_path / "file" / "run"), 0)
+
+
+def test_a_resumed_log_drops_the_undone_steps_only(tmp_path):
+    """The rows and step lines of steps after the checkpoint go; starts, resume records, notes
+    and errors of the interrupted run stay."""
+    log = MetricsLog(str(tmp_path), 0, print_fn=lambda s: None)
+    log.record("start", step=0)
+    for step in (1, 2, 3):
+        log.record("train", step=step, loss=1.0)
+        log.log(f"step {step:>7d}/9  loss 1.0")
+    log.record("verify", step=3, set="lfw", accuracy=0.5)
+    log.log("verify [lfw] step 3: accuracy 50.00%")
+    log.log("note: something")
+    log.close()
+    log = MetricsLog(str(tmp_path), 0, print_fn=lambda s: None, resumed_at=2)
+    log.close()
+    rows = read_metrics(str(tmp_path), last=False)
+    assert [(r["kind"], r["step"]) for r in rows] == [("start", 0), ("train", 1), ("train", 2)]
+    assert (tmp_path / "training.log").read_text().splitlines() == [
+        "step       1/9  loss 1.0", "step       2/9  loss 1.0", "note: something"]

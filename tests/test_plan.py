@@ -110,3 +110,38 @@ def test_plan_cli_300m_classes_on_one_node():
     rc, full, text = _plan_cli(*common, "--weight-dtype", "float32", "--state-dtype", "float32")
     assert rc == 3 and not full["fits"] and full["max_classes"] < 300_000_000
     assert "would fit with" in full["advice"], text
+
+
+def test_plan_cli_first_day_forms():
+    """Bugs caught: `--classes 100M --dim 512 --gpus 8 --gpu-memory 80GB` crashed (micro batch
+    1 -> BatchNorm's training-mode check) and planned sample rate 1.0 silently; an unknown
+    backbone gave a traceback; the rows did not add up to the total with nothing saying why;
+    GiB printed as GB."""
+    rc, plan, text = _plan_cli("--classes", "100M", "--dim", "512", "--gpus", "8",
+                               "--gpu-memory", "80GB")
+    assert rc == 3 and plan["input"]["micro_batch"] == 128, text
+    assert "note: micro batch 128 images per rank (the default" in text
+    assert "note: sample rate 1.0: every class is scored" in text
+    assert "the total is the peak, not the sum of the rows" in text
+    rc, _, text = _plan_cli("--classes", "1M", "--dim", "512", "--gpus", "8", "--gpu-memory",
+                            "80GiB", "--sample-rate", "0.1", "--micro-batch", "1")
+    assert rc == 0 and "of 85.90 GB" in text, text          # 80 x 2^30 bytes, printed in GB
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--classes",
+                        "1M", "--dim", "512", "--gpus", "8", "--gpu-memory", "80GB",
+                        "--backbone", "iresnet55"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "unknown backbone 'iresnet55'" in r.stderr and "iresnet50" in r.stderr
+
+
+def test_the_reserve_is_in_the_total():
+    """Bug caught: the planner dropping its 3 GB reserve (plans that fit on paper, OOM on the
+    GPU)."""
+    from hybrid_fc.common import parse_size
+    from hybrid_fc.training.plan import PlanInput, plan
+    inp = PlanInput(classes=1_000_000, dim=128, gpus=2, gpu_memory=int(80e9), sample_rate=0.1,
+                    backbone_params=10_000_000, activation_elems=1_000_000)
+    assert inp.reserve == 3 * 10 ** 9 == parse_size("3GB")
+    with_reserve, without = plan(inp), plan(PlanInput(**{**inp.__dict__, "reserve": 0}))
+    assert with_reserve.per_gpu_bytes - without.per_gpu_bytes == 3 * 10 ** 9
+    assert ("reserve", 3e9) in [(name, value) for name, value, _ in with_reserve.rows]

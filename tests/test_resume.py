@@ -253,3 +253,68 @@ def test_eta_counts_only_this_process_steps():
     eta_min = float(lines[0].split("eta ")[1].split(" min")[0])
     # 10 steps took ~10 s: 90 steps left take ~90 s = 1.5 min (not 90 * 10 / 910 s)
     assert 1.4 <= eta_min <= 1.7, lines[0]
+
+
+# -- the synthetic source resumes exactly too ----------------------------------------------------
+def _synthetic_resume_worker(rank, world_size, out):
+    import shutil
+    import torch.distributed as dist
+    _main(out)                                               # 4 steps, checkpoints 2 and 4
+    if rank == 0:
+        shutil.copytree(os.path.join(out, "global_step4"), os.path.join(out, "straight4"))
+        with open(os.path.join(out, "latest"), "w") as f:
+            f.write("global_step2")                          # died after step 3, say
+    dist.barrier()
+    _main(out)                                               # redoes steps 3 and 4
+    return None
+
+
+def test_synthetic_source_resumes_bit_exact(tmp_path):
+    """Bug caught: the synthetic source's micro-batch counter not restored (a resumed run drew
+    the batches of steps 1-2 again as steps 3-4)."""
+    from hybrid_fc.training.checkpoint import load_file
+    out = tmp_path / "run"
+    run_deepspeed_ranks(2, _synthetic_resume_worker, str(out))
+    for name in ("backbone.pt", "head-rank00000.pt", "head-rank00001.pt"):
+        a = load_file(str(out / "straight4" / "hybrid" / name))
+        b = load_file(str(out / "global_step4" / "hybrid" / name))
+        weights = ((a["params"], b["params"]) if name == "backbone.pt"
+                   else ({"w": a["weight"]}, {"w": b["weight"]}))
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
+
+
+def test_ranks_flip_different_images():
+    """Bug caught: every rank seeding its flip generator alike (all ranks flipping the same
+    images of their batches: half the augmentation's diversity)."""
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.trainer import InputStreams
+    cfg = load_config(None, ["data.source=synthetic", "model.input_size=8"])
+    draws = [torch.rand(64, generator=InputStreams(cfg, 4, r, 2, torch.device("cpu"))
+                        .augment_rng) for r in (0, 1)]
+    assert not torch.equal(draws[0], draws[1])
+    again = torch.rand(64, generator=InputStreams(cfg, 4, 0, 2, torch.device("cpu")).augment_rng)
+    assert torch.equal(draws[0], again)   # seeded: the same rank draws the same
+
+
+def test_a_run_whose_steps_all_overflow_stops():
+    """Bug caught: head.scale=1e30 trained no step at all (every step's gradients overflowed and
+    was skipped) and exited 0."""
+    from types import SimpleNamespace
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.trainer import MAX_SKIPPED_IN_A_ROW, Trainer
+    with pytest.raises(ValueError, match=r"head\.scale: must be in \(0, 1024\]"):
+        load_config(None, ["head.scale=1e30"])
+    trainer = Trainer.__new__(Trainer)   # the loop's step alone, around a head that skips
+    trainer.gas, trainer.device, trainer.out = 1, torch.device("cpu"), "/nowhere"
+    trainer.batches = iter(lambda: (torch.zeros(2, 3), torch.zeros(2)), None)
+    trainer.log = SimpleNamespace(add=lambda loss: None)
+    trainer.hybrid = SimpleNamespace(forward_backward=lambda x, y: torch.tensor(1.0),
+                                     step=lambda: False, global_steps=7)
+    for _ in range(MAX_SKIPPED_IN_A_ROW - 1):
+        trainer._step()
+    with pytest.raises(FloatingPointError, match=f"the last {MAX_SKIPPED_IN_A_ROW} steps .* "
+                                                 "were all skipped"):
+        trainer._step()
+    trainer.hybrid.step = lambda: True   # one applied step resets the count
+    trainer._step()
+    assert trainer.skipped_in_a_row == 0

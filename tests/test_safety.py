@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hybrid_fc.training.checkpoint import CheckpointError, load_file
-from hybrid_fc.evaluation.export import export_class_centers, load_backbone_weights
+from hybrid_fc.evaluation.export import (export_class_centers, load_backbone,
+                                         load_backbone_weights)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,9 +60,13 @@ def test_crafted_files_are_refused_by_every_reader(tmp_path):
     _craft(str(hdir / "backbone.pt"), marker, lambda e: {"params": {"w": torch.zeros(1)}, "x": e})
     _craft(str(hdir / "head-rank00000.pt"), marker,
            lambda e: {"class_start": 0, "num_local": 4, "weight": torch.zeros(4, 2), "x": e})
+    # an exported state dict (launch/export.py's backbone.pt, what eval/extract read)
+    exported = tmp_path / "exported" / "backbone.pt"
+    _craft(str(exported), marker, lambda e: {"w": torch.zeros(1), "x": e})
     for reader in (lambda: load_file(str(hdir / "backbone.pt")),
                    lambda: load_backbone_weights(str(run)),
-                   lambda: export_class_centers(str(run))):
+                   lambda: export_class_centers(str(run)),
+                   lambda: load_backbone(str(exported), backbone="mlp", embedding_size=4)):
         with pytest.raises(CheckpointError, match="refused: it holds objects other than"):
             reader()
     # a plain DeepSpeed checkpoint (no hybrid/): refused unless trusted
@@ -175,3 +180,27 @@ def test_manifest_urls_are_names_never_commands(tmp_path):
     (tmp_path / "ok" / "manifest.json").write_text(json.dumps(
         {"num_samples": 4, "shards": [{"url": "shard-000000.tar", "count": 4}]}))
     assert load_manifest(str(tmp_path / "ok")).urls == [str(tmp_path / "ok" / "shard-000000.tar")]
+
+
+def test_exported_backbone_files_that_are_not_ours_are_named(tmp_path):
+    """Bugs caught: a truncated exported backbone.pt raised a raw UnpicklingError suggesting
+    weights_only=False, without the file; a corrupt backbone.json a JSONDecodeError / KeyError."""
+    exported = tmp_path / "backbone.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, exported)
+    (tmp_path / "backbone.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"backbone\.json: expected a JSON object"):
+        load_backbone(str(exported))
+    (tmp_path / "backbone.json").write_text('{"backbone": "mlp", "embedding_size": "8"}')
+    with pytest.raises(CheckpointError,
+                       match=r"backbone\.json: embedding_size must be an integer"):
+        load_backbone(str(exported))
+    (tmp_path / "backbone.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"backbone\.json: not valid JSON"):
+        load_backbone(str(exported))
+    data = exported.read_bytes()
+    exported.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"backbone\.pt: cannot be read .*truncated"):
+        load_backbone(str(exported))
+    torch.save([torch.zeros(1)], exported)
+    with pytest.raises(CheckpointError, match=r"backbone\.pt: not a state dict"):
+        load_backbone(str(exported))

@@ -78,11 +78,12 @@ def backbone_size(name: str, embedding_size: int, input_size: int = 112, micro_b
     """(parameter count, activation elements of one training micro-batch), computed on torch's
     meta device: shapes only, nothing allocated, seconds even for iresnet100.
 
-    The activation figure sums the output of every leaf module in a training-mode forward of
+    The activation figure sums the output of every leaf module in a forward of
     (micro_batch, 3, input_size, input_size): each is kept once for backward (as the next
     layer's saved input), so it estimates the activation memory in elements (multiply by the
     compute dtype's bytes). In-place activations or recomputation would make the real figure
-    smaller."""
+    smaller. The forward runs in eval mode: the shapes are those of training, and BatchNorm's
+    training-mode check would refuse a micro batch of 1."""
     with torch.device("meta"):
         model = build_backbone(name, embedding_size, input_size=input_size, **kwargs)
     params = sum(p.numel() for p in model.parameters())
@@ -93,7 +94,7 @@ def backbone_size(name: str, embedding_size: int, input_size: int = 112, micro_b
             total[0] += output.numel()
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
-        model.train()
+        model.eval()
         with torch.no_grad():
             model(torch.empty(micro_batch, 3, input_size, input_size, device="meta"))
     finally:

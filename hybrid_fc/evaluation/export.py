@@ -161,11 +161,11 @@ def _read_model_json(path: str) -> Optional[Dict[str, Any]]:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object with backbone, embedding_size, "
                               f"input_size, got {type(cfg).__name__}")
-    for key, kind in (("backbone", str), ("embedding_size", int), ("input_size", int),
-                      ("backbone_kwargs", dict)):
+    for key, kind, what in (("backbone", str, "a name"), ("embedding_size", int, "an integer"),
+                            ("input_size", int, "an integer"), ("backbone_kwargs", dict,
+                                                                "a mapping")):
         if key in cfg and (not isinstance(cfg[key], kind) or isinstance(cfg[key], bool)):
-            raise CheckpointError(f"{path}: {key} must be a {kind.__name__}, got "
-                                  f"{cfg[key]!r:.80}")
+            raise CheckpointError(f"{path}: {key} must be {what}, got {cfg[key]!r:.80}")
     return cfg
 
 

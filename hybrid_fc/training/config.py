@@ -106,7 +106,9 @@ class HeadConfig:
         _require(self.num_classes >= 1, "head.num_classes", "must be >= 1", self.num_classes)
         _require_choice(self.weight_dtype, dtype_names(WEIGHT_DTYPES), "head.weight_dtype")
         _require_choice(self.margin, MARGINS, "head.margin")
-        _require(self.scale > 0, "head.scale", "must be > 0", self.scale)
+        _require(0 < self.scale <= 1024, "head.scale",
+                 "must be in (0, 1024] (face recognition uses 16-64; beyond, the logits' "
+                 "gradients overflow)", self.scale)
         _require(0.0 <= self.m < 3.15, "head.m", "must be in [0, pi)", self.m)
         _require(len(self.combined) == 3, "head.combined", "must be (m1, m2, m3)", self.combined)
         self.combined = tuple(float(v) for v in self.combined)

@@ -141,6 +141,9 @@ class Plan:
                      f"of {format_bytes(self.inp.gpu_memory)}: "
                      + ("fits" if self.fits else "DOES NOT FIT")
                      + f", headroom {format_bytes(self.headroom)}")
+        lines.append("  (the total is the peak, not the sum of the rows: the head's step rows "
+                     "and the backbone's activations\n   are held during forward and backward, "
+                     "the optimizer-step row after them: only the larger counts; GB = 10^9 B)")
         lines.append(f"  largest class count that fits with the rest unchanged: "
                      f"{self.max_classes:,}")
         if self.advice:
@@ -344,8 +347,12 @@ def plan_experiment(cfg, ds_config: Dict, gpus: int, gpu_memory: int,
     from ..backbones import backbone_size
     ds = from_deepspeed_config(ds_config)
     if "micro_batch" not in ds:  # DeepSpeed derives it from the global batch
+        if "train_batch_size" not in ds_config:
+            raise ValueError("the DeepSpeed JSON sets neither train_micro_batch_size_per_gpu nor "
+                             "train_batch_size: the planner needs the images per rank "
+                             "(launch/plan.py: --micro-batch)")
         gas = int(ds_config.get("gradient_accumulation_steps", 1))
-        ds["micro_batch"] = max(1, int(ds_config.get("train_batch_size", gpus)) // (gas * gpus))
+        ds["micro_batch"] = max(1, int(ds_config["train_batch_size"]) // (gas * gpus))
     params, act = backbone_size(cfg.model.backbone, cfg.model.embedding_size,
                                 input_size=cfg.model.input_size, micro_batch=ds["micro_batch"],
                                 **cfg.model.backbone_kwargs)

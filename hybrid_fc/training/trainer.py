@@ -45,6 +45,10 @@ from .plan import plan_experiment
 
 logger = logging.getLogger("hybrid_fc.train")
 
+# fp16's dynamic loss scale halves at each overflow: from 2^32 it reaches 1 in 32 skipped steps;
+# more skips in a row than this mean the gradients overflow at any scale
+MAX_SKIPPED_IN_A_ROW = 50
+
 __all__ = ["Trainer", "InputStreams", "build_margin", "build_head_optimizer"]
 
 
@@ -490,8 +494,18 @@ class Trainer:
                     f"{self._last_checkpoint()}. Lower the learning rates (head_optim.lr, "
                     "the DeepSpeed optimizer's lr), the logit scale (head.scale) or check the "
                     "data.")
-            hybrid.step()
+            applied = hybrid.step()
             self.log.add(loss)
+        # the last micro-step was the boundary: `applied` says whether this step moved anything
+        self.skipped_in_a_row = 0 if applied else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(
+                f"the last {self.skipped_in_a_row} steps (to step {hybrid.global_steps}) were all "
+                "skipped: their gradients overflowed (inf/nan), so nothing trains; "
+                f"{self._last_checkpoint()}. Lower head.scale or the learning rates, or check "
+                "the data.")
+
+    skipped_in_a_row = 0
 
     def _last_checkpoint(self) -> str:
         tag = latest_tag(self.out)

@@ -216,6 +216,20 @@ def load_backbone(path: str, tag: Optional[str] = None, trust_checkpoint: bool =
     return net.float().eval(), cfg
 
 
+def _check_input_size(net: nn.Module, size: int, name: str, source: str) -> None:
+    """One forward of a (2, 3, size, size) zero batch (eval mode): a model built for another
+    input size fails here with a line naming it, not deep inside eval's batches or as a
+    misleading ONNX tracing error."""
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, 3, size, size))
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means the same thing
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CheckpointError(f"{source}: backbone {name!r} does not take {size} x {size} "
+                              f"images ({type(exc).__name__}: {first}); give its input size "
+                              "with --input-size (the checkpoint does not say it)") from None
+
+
 def load_for_inference(path: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
                        **model_overrides) -> Tuple[nn.Module, Dict[str, Any]]:
     """load_backbone on this process's device, for launch/eval.py and launch/extract.py.
@@ -227,6 +241,7 @@ def load_for_inference(path: str, tag: Optional[str] = None, trust_checkpoint: b
         with starting_up():  # DeepSpeed's CPU op is built or loaded in here
             join_process_group(standalone=False)
     model, cfg = load_backbone(path, tag, trust_checkpoint, **model_overrides)
+    _check_input_size(model, int(cfg["input_size"]), cfg["backbone"], path)
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
     return model.to(device), cfg
@@ -333,6 +348,7 @@ def export_onnx(model: nn.Module, out: str, input_size: int, *, opset: int = 17,
     Cost: torch.export + one trace (~3 s + ~7 s for iresnet50 on one CPU core) and, with check,
     onnxruntime runs at each batch size."""
     model = copy.deepcopy(model).float().eval()
+    _check_input_size(model, input_size, type(model).__name__, out)
     g = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, input_size, input_size, generator=g)
     _check_traceable(model, example)

@@ -161,11 +161,17 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
 
 def model_config(save_dir: str, client_state: Optional[dict]) -> Optional[Dict[str, Any]]:
     """The model section of the experiment config saved with the checkpoint, else the run's
-    config.json (the trainer writes both), else None."""
+    config.json (the trainer writes both), else what save_checkpoint noted of any model (the
+    input size it was trained at and the embedding width: enough for an own backbone given by
+    `--model module:factory`), else None."""
     model = ((client_state or {}).get("experiment") or {}).get("model")
     if not model:
         model = ((read_run_config(save_dir) or {}).get("experiment") or {}).get("model")
-    return {k: model[k] for k in _MODEL_KEYS if k in model} if model else None
+    if not model:
+        model = (client_state or {}).get("model")
+    if not isinstance(model, dict):
+        return None
+    return {k: model[k] for k in _MODEL_KEYS if k in model} or None
 
 
 # -- small file utilities ----------------------------------------------------------------------
@@ -661,9 +667,16 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
       head shard and given back on a resume with the same number of ranks.
     Collective: every rank calls it. `latest` moves only after every rank's files exist.
     BatchNorm running statistics are first averaged over the ranks (HybridEngine.sync_buffers),
-    so the saved backbone is the one every rank goes on training and evaluating with."""
+    so the saved backbone is the one every rank goes on training and evaluating with. The
+    input size of the square images trained on is noted (client_state["model"], unless given),
+    so export / eval / extract of an own backbone (`--model module:factory`) need no more."""
     engine, head = hybrid.engine, hybrid.head
     tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
+    client_state = dict(client_state or {})
+    shape = getattr(hybrid, "input_shape", None)
+    if shape is not None and len(shape) == 3 and shape[1] == shape[2]:  # what eval will need
+        client_state.setdefault("model", {"input_size": int(shape[1]),
+                                          "embedding_size": head.embedding_size})
     folder = os.path.join(save_dir, tag)
     hfolder = os.path.join(folder, _HYBRID)
     rank = _global_rank()

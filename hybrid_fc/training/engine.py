@@ -141,6 +141,7 @@ class HybridEngine:
         self.head_base_lrs: List[float] = [g["lr"] for g in head_optimizer.param_groups]
         self.backbone_base_lrs: List[float] = [g["lr"] for g in engine.optimizer.param_groups]
         self.last_head_grad_norm: Optional[torch.Tensor] = None  # before clipping; None if off
+        self.input_shape: Optional[tuple] = None  # (C, H, W) of the images seen last
         if engine.bfloat16_enabled():
             self.compute_dtype = torch.bfloat16
         elif engine.fp16_enabled():
@@ -191,6 +192,7 @@ class HybridEngine:
         """
         if images.is_floating_point():
             images = images.to(self.compute_dtype)
+        self.input_shape = tuple(images.shape[1:])  # checkpoints note it (export, eval)
         feats = self.engine(images)                                     # (b, D)
         x = feats.detach().requires_grad_(True)
         loss = self.head(x, labels)                                     # same on every rank

@@ -189,6 +189,10 @@ def join_process_group(standalone: bool = True) -> Tuple[int, int]:
     if standalone:
         standalone_defaults()
     check_master_addr()
+    # DeepSpeed calls torch's all_gather_into_tensor, which torch 2.13 deprecates: one
+    # FutureWarning per rank per run that the user can do nothing about
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
     deepspeed.init_distributed()
     release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run
     return dist.get_rank(), dist.get_world_size()
@@ -415,10 +419,6 @@ def quiet_logs(rank: int, verbose: bool = False) -> None:
                         format="%(asctime)s %(name)s: %(message)s")
     if verbose:
         return
-    # DeepSpeed calls torch's all_gather_into_tensor, which torch 2.13 deprecates: one
-    # FutureWarning per rank per run that the user can do nothing about
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
-                            category=FutureWarning)
     for name in ("DeepSpeed", "deepspeed", "botocore", "aiobotocore", "s3fs", "fsspec",
                  "urllib3", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -71,3 +71,39 @@ def test_a_resumed_log_drops_the_undone_steps_only(tmp_path):
     assert [(r["kind"], r["step"]) for r in rows] == [("start", 0), ("train", 1), ("train", 2)]
     assert (tmp_path / "training.log").read_text().splitlines() == [
         "step       1/9  loss 1.0", "step       2/9  loss 1.0", "note: something"]
+
+
+def test_plot_of_two_runs(tmp_path):
+    """launch/plot.py: one panel per figure of the runs' metrics.jsonl, a line per run in each,
+    a PNG that decodes."""
+    import os
+    import subprocess
+    import sys
+    from PIL import Image
+    from hybrid_fc.training.metrics import plot_runs
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, slope in (("a", 1.0), ("b", 2.0)):
+        log = MetricsLog(str(tmp_path / name), 0, print_fn=lambda s: None)
+        for step in (1, 2, 3, 4):
+            log.record("train", step=step, loss=10 - slope * step, img_s=100.0 * step,
+                       lr=0.1 / step, backbone_lr=0.05 / step)
+        for step in (2, 4):
+            log.record("verify", step=step, set="lfw", accuracy=0.5 + 0.1 * step * slope)
+        log.close()
+    fig = plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "x.png"))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "learning rate (head; backbone dashed)", "images / s",
+                      "lfw accuracy %"]
+    assert [len(ax.lines) for ax in fig.axes] == [2, 4, 2, 2]
+    assert [line.get_label() for line in fig.axes[0].lines] == ["a", "b"]
+    assert list(fig.axes[3].lines[1].get_ydata()) == [pytest.approx(90.0), pytest.approx(130.0)]
+    r = subprocess.run([sys.executable, os.path.join(root, "launch", "plot.py"),
+                        str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                        str(tmp_path / "runs.png")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "runs.png").size == (1680, 360)
+    r = subprocess.run([sys.executable, os.path.join(root, "launch", "plot.py"),
+                        str(tmp_path / "nothing"), "--out", str(tmp_path / "n.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr

@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 
-__all__ = ["MetricsLog", "read_metrics", "METRICS_FILE", "LOG_FILE"]
+__all__ = ["MetricsLog", "read_metrics", "plot_runs", "METRICS_FILE", "LOG_FILE"]
 
 from .checkpoint import LOG_FILE, METRICS_FILE  # the run folder's names have one owner
 
@@ -147,3 +147,44 @@ def read_metrics(path: str, kind: Optional[str] = None, last: bool = True) -> Li
             keyed[(row.get("kind"), row.get("step"), row.get("set"))] = row
         rows = list(keyed.values())
     return sorted(rows, key=lambda r: (r.get("step") or 0))
+
+
+def plot_runs(run_dirs: List[str], out: str, labels: Optional[List[str]] = None):
+    """One PNG of runs read from their metrics.jsonl, overlaid (one line per run in each panel):
+    loss, learning rates (head solid, backbone dashed), images/s, and each verification set's
+    accuracy, against the optimizer step. Returns the matplotlib Figure (after saving `out`).
+    Needs matplotlib (installed with hybrid_fc)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = labels or [os.path.basename(os.path.normpath(
+        d if os.path.isdir(d) else os.path.dirname(os.path.abspath(d)))) for d in run_dirs]
+    runs = [(label, read_metrics(d)) for label, d in zip(labels, run_dirs)]
+    sets = sorted({r["set"] for _, rows in runs for r in rows if r.get("kind") == "verify"})
+    fig, axes = plt.subplots(1, 3 + len(sets), figsize=(4.2 * (3 + len(sets)), 3.6),
+                             squeeze=False)
+    axes = axes[0]
+    for label, rows in runs:
+        train = [r for r in rows if r.get("kind") == "train"]
+        steps = [r["step"] for r in train]
+        line, = axes[0].plot(steps, [r["loss"] for r in train], label=label)
+        axes[1].plot(steps, [r["lr"] for r in train], color=line.get_color(), label=label)
+        axes[1].plot(steps, [r.get("backbone_lr") for r in train], color=line.get_color(),
+                     linestyle="--")
+        axes[2].plot(steps, [r["img_s"] for r in train], color=line.get_color(), label=label)
+        for ax, name in zip(axes[3:], sets):
+            verify = [r for r in rows if r.get("kind") == "verify" and r.get("set") == name]
+            ax.plot([r["step"] for r in verify], [100 * r["accuracy"] for r in verify],
+                    marker="o", color=line.get_color(), label=label)
+    titles = ["loss", "learning rate (head; backbone dashed)", "images / s"] + [
+        f"{name} accuracy %" for name in sets]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return fig

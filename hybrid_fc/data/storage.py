@@ -7,15 +7,16 @@ use; cost: one client, ~50 ms, per worker). Credentials and the endpoint come fr
 sources on every rank: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION /
 AWS_ENDPOINT_URL environment variables, ~/.aws/{credentials,config}, or an instance role.
 """
+import contextlib
+import errno
 import io
-import json
 import os
 import shutil
 import tempfile
 from typing import List, Optional
 
 __all__ = ["register_s3_handler", "is_remote", "open_read", "join_url", "OutputDir",
-           "endpoint_of"]
+           "OutputError", "endpoint_of"]
 
 # Streaming read size for S3 objects: one ranged GET per block. 8 MiB keeps per-request overhead
 # (~10 ms) small next to the transfer and costs 8 MiB of buffer per open shard per worker.
@@ -94,23 +95,67 @@ def open_read(url: str):
     return webdataset.gopen(url, "rb")
 
 
+class OutputError(RuntimeError):
+    """The converter's output cannot be created, listed, read or written; the message names the
+    file and what to check (free space, permissions, the bucket and credentials)."""
+
+
+# errno values of a write that failed for want of space: a full disk, a file size limit
+# (RLIMIT_FSIZE), a quota
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 class OutputDir:
     """Destination of a conversion: a local directory or an s3:// prefix.
 
     Local: a shard is written under a temporary name in the directory itself and renamed when
     complete (rename is atomic on POSIX). Remote: it is written to a local staging file and then
     uploaded; an S3 object appears only once its upload completes, so existence again means
-    complete.
+    complete. Every failure of the output (a read-only or full disk, a missing bucket, no
+    credentials, a dead endpoint) is an OutputError naming the file (`errors`).
     """
 
     def __init__(self, url: str, staging_dir: Optional[str] = None):
         self.url = url.rstrip("/") if is_remote(url) else url
         self.remote = is_remote(url)
+        with self.errors("create", ""):
+            if self.remote:
+                self.staging = tempfile.mkdtemp(prefix="hybrid_fc_shards_", dir=staging_dir)
+            else:
+                os.makedirs(url, exist_ok=True)
+                self.staging = url
+
+    @contextlib.contextmanager
+    def errors(self, verb: str, name: str, store: bool = False):
+        """Turn a failure to `verb` the output file `name` into an OutputError that names it:
+        an OSError (local files, the staging copy of an upload), and with store=True any error
+        of the remote store's client (botocore raises its own types: NoCredentialsError,
+        EndpointConnectionError). Errors of hybrid_fc's own kinds (a bad source) pass as they
+        are."""
+        try:
+            yield
+        except OSError as e:
+            raise OutputError(self._explain(verb, name, e)) from None
+        except Exception as e:  # noqa: BLE001 - a remote store client's error, named below
+            if not store or type(e).__module__.startswith("hybrid_fc") or \
+                    isinstance(e, ImportError):
+                raise
+            raise OutputError(self._explain(verb, name, e)) from None
+
+    def _explain(self, verb: str, name: str, e: Exception) -> str:
+        where = self.path(name) if name else self.url
+        msg = f"cannot {verb} {where}: {type(e).__name__}: {e}"
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            try:
+                free = f"{shutil.disk_usage(self.staging).free / 1e9:.1f} GB free"
+            except (OSError, AttributeError):
+                free = "free space unknown"
+            return f"{msg} (out of space on {self.staging}: {free}, or a file size limit)"
         if self.remote:
-            self.staging = tempfile.mkdtemp(prefix="hybrid_fc_shards_", dir=staging_dir)
-        else:
-            os.makedirs(url, exist_ok=True)
-            self.staging = url
+            bucket = self.url.split("://", 1)[1].split("/", 1)[0]
+            return (f"{msg} ({endpoint_of(self.url)}: check that bucket {bucket!r} exists and "
+                    "that this machine's credentials (AWS_* variables, ~/.aws) may write to it)")
+        return f"{msg} (the output must be a folder this user can write to)"
 
     @property
     def fs(self):
@@ -125,18 +170,21 @@ class OutputDir:
         return join_url(self.url, name)
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name)) if self.remote else os.path.exists(self.path(name))
+        with self.errors("read", name, store=True):
+            return self.fs.exists(self.path(name)) if self.remote else \
+                os.path.exists(self.path(name))
 
     def list(self, sub: str = "") -> List[str]:
         """Names (relative to sub) of the files directly under `sub`."""
-        if self.remote:
-            try:
-                return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(sub), detail=False,
-                                                                  refresh=True)]
-            except FileNotFoundError:
-                return []
-        d = self.path(sub)
-        return os.listdir(d) if os.path.isdir(d) else []
+        with self.errors("list", sub, store=True):
+            if self.remote:
+                try:
+                    return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(sub),
+                                                                      detail=False, refresh=True)]
+                except FileNotFoundError:
+                    return []
+            d = self.path(sub)
+            return os.listdir(d) if os.path.isdir(d) else []
 
     def temp_file(self, name: str) -> str:
         """A fresh local path to write `name` to before `commit`."""
@@ -144,31 +192,35 @@ class OutputDir:
 
     def commit(self, local_tmp: str, name: str):
         """Publish a fully written temp file under its final name (atomically)."""
-        if self.remote:
-            self.fs.put_file(local_tmp, self.path(name))
-            os.remove(local_tmp)
-        else:
-            target = self.path(name)
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            os.replace(local_tmp, target)
+        with self.errors("write", name, store=True):
+            if self.remote:
+                self.fs.put_file(local_tmp, self.path(name))
+                os.remove(local_tmp)
+            else:
+                target = self.path(name)
+                os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+                os.replace(local_tmp, target)
 
     def write_text(self, name: str, text: str):
         tmp = self.temp_file(name)
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.errors("write", name), open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OutputError:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
         self.commit(tmp, name)
 
     def read_text(self, name: str) -> str:
-        if self.remote:
-            with self.fs.open(self.path(name), "rb") as f:
-                return f.read().decode()
-        with open(self.path(name)) as f:
-            return f.read()
-
-    def read_json(self, name: str):
-        return json.loads(self.read_text(name))
+        with self.errors("read", name, store=True):
+            if self.remote:
+                with self.fs.open(self.path(name), "rb") as f:
+                    return f.read().decode("utf-8", "replace")
+            with open(self.path(name), encoding="utf-8", errors="replace") as f:
+                return f.read()
 
     def remove_stale_temps(self) -> int:
         """Delete temp files left by an interrupted run (local output only; remote temps live in
@@ -179,7 +231,8 @@ class OutputDir:
             if d and os.path.isdir(d):
                 for name in os.listdir(d):
                     if ".tmp." in name:
-                        os.remove(os.path.join(d, name))
+                        with self.errors("remove", f"{sub}/{name}" if sub else name):
+                            os.remove(os.path.join(d, name))
                         n += 1
         return n
 

@@ -14,9 +14,10 @@ import sys
 
 import pytest
 
-from hybrid_fc.data import convert
+from hybrid_fc.data import ShardError, convert, load_manifest, make_loader
 from hybrid_fc.data.storage import OutputError
 from test_data_convert import _jpeg
+from test_data_loader import _epoch, _handmade_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HINT = "(HYBRID_FC_TRACEBACK=1 or --verbose shows the traceback)"
@@ -153,3 +154,129 @@ def test_make_shards_to_s3_without_bucket_or_credentials(s3_server, tmp_path):
     for result, cause in ((missing, "bucket does not exist"), (anonymous, "NoCredentialsError")):
         _one_error_line(result, "OutputError: cannot ", "s3://no-such-bucket/ds", cause,
                         f"endpoint {s3_server}", "bucket 'no-such-bucket' exists")
+
+
+# -- manifests: names are never commands or paths, every field is checked -------------------------
+def _manifest_with(tmp_path, name, edit):
+    """The handmade 3 x 10 dataset with its manifest edited by edit(dict) (or replaced by the
+    bytes it returns); returns the manifest's path."""
+    manifest = _handmade_shards(str(tmp_path / name))
+    m = json.load(open(manifest))
+    new = edit(m)
+    with open(manifest, "wb") as f:
+        f.write(new if isinstance(new, bytes) else json.dumps(m).encode())
+    return manifest
+
+
+@pytest.mark.parametrize("url, why", [
+    ("s0.tar $(touch {marker})", r"holds characters a shell or a URL gives a meaning to "
+                                 r"\('[^']*\$"),
+    ("s0.tar`touch {marker}`", r"holds characters .*\('[^']*`"),
+    ("s0.tar;touch {marker}", r"holds characters .*\('[^']*;"),
+    ("s0.tar\ntouch {marker}", r"holds characters .*\('\\n"),
+    ("pipe:touch {marker}; cat s0.tar", "is a command"),
+    ("../escape/s0.tar", "is a path"),
+    ("{tmp}/escape/s0.tar", "is a path"),
+    ("file://{tmp}/escape/s0.tar", "points outside the manifest's own local location"),
+    ("s0.tar.sh", "is not a plain shard file name"),
+])
+def test_manifest_shard_names_never_run_and_never_escape(tmp_path, url, why):
+    """Bugs caught: a manifest entry `s0.tar $(touch m)` ran the command under a pipe:
+    url_template (on S3 already in check_shards); `../x.tar` and absolute paths were read from
+    outside the dataset. Each is refused when the manifest is read, naming the manifest and the
+    entry, before any template, check or worker; the command never runs."""
+    marker = tmp_path / "marker"
+    escape = _handmade_shards(str(tmp_path / "escape"))  # a real shard to escape to
+    entry = url.format(marker=marker, tmp=tmp_path)
+
+    def edit(m):
+        m["shards"][0]["url"] = entry
+    manifest = _manifest_with(tmp_path, "ds", edit)
+    with pytest.raises(ShardError, match=rf"ds/manifest\.json: shards\[0\]: url .*{why}"):
+        make_loader(manifest, 2, rank=0, world_size=1, num_workers=0,
+                    url_template="pipe:cat {url}")
+    assert not marker.exists() and os.path.exists(escape)
+
+
+def test_pipe_templates_quote_each_url(tmp_path, monkeypatch):
+    """A URL the user lists that holds shell syntax reaches a pipe: command as one quoted
+    argument: `cat` reads the file of that literal name and nothing runs. Bug caught: the URL was
+    pasted into the command unquoted."""
+    monkeypatch.chdir(tmp_path)  # where the command would touch its marker
+    marker = tmp_path / "marker"
+    _handmade_shards(str(tmp_path), n_shards=1, per=4)
+    odd = tmp_path / "s0 $(touch marker).tar"
+    os.rename(tmp_path / "s0.tar", odd)
+    loader = make_loader([str(odd)], 2, rank=0, world_size=1, num_workers=0, shuffle_buffer=0,
+                         samples_per_epoch=4, url_template="pipe:cat {url}")
+    assert sorted(y for _, ys in _epoch(loader) for y in ys.tolist()) == [0, 1, 2, 3]
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"url_template 'pipe:cat' has no \{url\}"):
+        load_manifest([str(odd)], url_template="pipe:cat")
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path):
+    """Bug caught: the same shard listed twice in a manifest (or a URL list) was read twice per
+    epoch, and another shard not at all."""
+    def edit(m):
+        m["shards"][2]["url"] = "s0.tar"
+    manifest = _manifest_with(tmp_path, "dup", edit)
+    with pytest.raises(ShardError, match=r"dup/manifest\.json: shards 0 and 2 are the same shard "
+                                         r"'s0\.tar'"):
+        make_loader(manifest, 2, rank=0, world_size=1)
+    url = str(tmp_path / "dup" / "s1.tar")
+    with pytest.raises(ShardError, match=r"URL list's entries 0 and 1 are the same shard"):
+        make_loader([url, url], 2, rank=0, world_size=1, samples_per_epoch=20)
+
+
+def test_s3_manifest_never_names_a_local_file(s3_server, tmp_path):
+    """Bug caught: an s3:// manifest whose entry was an absolute path made every rank read that
+    local file."""
+    import boto3
+    local = _handmade_shards(str(tmp_path / "local"), n_shards=1, per=4)
+    m = json.load(open(local))
+    m["shards"][0]["url"] = os.path.join(str(tmp_path / "local"), "s0.tar")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="hostile")
+    s3.put_object(Bucket="hostile", Key="ds/manifest.json", Body=json.dumps(m).encode())
+    with pytest.raises(ShardError, match=r"s3://hostile/ds/manifest\.json: shards\[0\]: url "
+                                         r"'/.*/s0\.tar' is a path"):
+        make_loader("s3://hostile/ds/", 2, rank=0, world_size=1)
+
+
+def _set(key, value):
+    def edit(m):
+        m[key] = value
+    return edit
+
+
+def _set_shard(key, value):
+    def edit(m):
+        m["shards"][0][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: b"{not json", r" is not a JSON manifest \(JSONDecodeError"),
+    (lambda m: b'{"num_samples": "\xff"}', r" is not a JSON manifest \(UnicodeDecodeError"),
+    (lambda m: b"[1, 2]", r" holds a JSON list, not a manifest object"),
+    (lambda m: m.pop("num_samples"), r": manifest has no 'num_samples' field"),
+    (_set("shards", {"s0.tar": 10}), r": 'shards' must be a non-empty list"),
+    (_set("shards", []), r": 'shards' must be a non-empty list"),
+    (_set("shards", ["s0.tar", "s1.tar", "s2.tar"]), r": shards\[0\] has no url name: 's0\.tar'"),
+    (_set_shard("count", "10"), r": shards\[0\]\.count must be an integer >= 0, got '10'"),
+    (_set_shard("count", -10), r": shards\[0\]\.count must be an integer >= 0, got -10"),
+    (_set_shard("count", True), r": shards\[0\]\.count must be an integer >= 0, got True"),
+    (_set("num_samples", 30.0), r": num_samples must be an integer >= 0, got 30\.0"),
+    (_set("num_classes", 0), r": num_classes must be an integer >= 1, got 0"),
+    (_set("num_classes", "4"), r": num_classes must be an integer >= 1, got '4'"),
+], ids=["bad-json", "not-utf8", "a-list", "no-num_samples", "shards-dict", "shards-empty",
+        "entry-string", "count-string", "count-negative", "count-bool", "num_samples-float",
+        "num_classes-zero", "num_classes-string"])
+def test_corrupt_manifests_name_the_file_and_the_field(tmp_path, edit, message):
+    """Bug caught: a corrupt manifest.json gave a KeyError / TypeError / JSONDecodeError without
+    the path (the ShardError clause for bad JSON could never run: `except Exception` came
+    first), or was accepted (count '10', num_classes 0)."""
+    manifest = _manifest_with(tmp_path, "bad", edit)
+    with pytest.raises(ShardError, match=r"bad/manifest\.json" + message):
+        make_loader(manifest, 2, rank=0, world_size=1)

@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import random
+import re
+import shlex
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ import webdataset as wds
 from ..common import split_span, stable_seed
 from .decode import fit_size, make_decoder
 from .tario import TarError, iter_tar
-from .storage import (endpoint_of, is_remote, join_url, open_read, read_manifest_text,
+from .storage import (endpoint_of, is_remote, join_url, open_read, read_bytes,
                       register_s3_handler)
 
 __all__ = ["ShardError", "Manifest", "load_manifest", "check_shards",
@@ -62,92 +64,148 @@ class Manifest:
 
 
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# What a manifest may call a shard: one file name beside the manifest, in characters that no
+# shell, URL or path gives a meaning to. Not a path (`../x.tar`, `/etc/x.tar`: read from outside
+# the dataset, or from local disk under an s3:// manifest), not a URL, not a command.
+_PLAIN_SHARD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,250}(\.tar|\.tar\.gz|\.tgz)")
 
 
-def _scheme_and_place(url: str):
-    """('s3', 'bucket') for s3://bucket/key, ('', '') for a local path."""
-    if "://" not in url:
-        return "", ""
-    scheme, rest = url.split("://", 1)
-    return scheme.lower(), rest.split("/", 1)[0]
-
-
-def _shard_name(entry, murl: str) -> str:
-    """A manifest's shard entry as a name, never a command: relative to the manifest (or a
-    local path beside a local manifest, or a URL of the manifest's own scheme and bucket).
-    `pipe:` commands come only from the user's own command line or config (url_template, a
-    data.urls pattern), never from a file someone else may have written."""
+def _shard_name(entry, murl: str, i: int) -> str:
+    """Entry i of a manifest's shard list as a file name beside the manifest, or ShardError
+    naming the manifest, the entry and why. `pipe:` commands come only from the user's own
+    command line or config (url_template, a data.urls pattern), never from a file someone else
+    may have written."""
     url = entry.get("url") if isinstance(entry, dict) else None
+    where = f"{murl}: shards[{i}]"
     if not isinstance(url, str) or not url.strip():
-        raise ShardError(f"{murl}: a shard entry has no url name: {str(entry)[:100]!r}")
+        raise ShardError(f"{where} has no url name: {str(entry)[:100]!r}")
+    if _PLAIN_SHARD.fullmatch(url):
+        return url
+    odd = sorted({c for c in url if not (c.isascii() and (c.isalnum() or c in "._-/\\"))})
     if url.lstrip().startswith("pipe:"):
-        raise ShardError(f"{murl}: shard url {url[:80]!r} is a command; a manifest names its "
-                         "shards relative to itself. To read through a command, give it on your "
-                         "own command line (url_template, e.g. 'pipe:aws s3 cp {url} -')")
-    if "://" in url and _scheme_and_place(url) != _scheme_and_place(murl):
-        raise ShardError(f"{murl}: shard url {url[:80]!r} points outside the manifest's own "
-                         f"{_scheme_and_place(murl)[0] or 'local'} location; a manifest names "
-                         "its shards relative to itself")
-    return url
+        why = "is a command"
+    elif "://" in url:
+        scheme = murl.split("://", 1)[0].lower() if "://" in murl else "local"
+        why = f"points outside the manifest's own {scheme} location"
+    elif odd:
+        why = f"holds characters a shell or a URL gives a meaning to ({''.join(odd)!r})"
+    elif "/" in url or "\\" in url:
+        why = "is a path"
+    else:
+        why = "is not a plain shard file name"
+    raise ShardError(f"{where}: url {url[:80]!r} {why}; a manifest names each shard by its file "
+                     "name beside the manifest (letters, digits, '.', '_', '-', ending in "
+                     f"{', '.join(_SHARD_SUFFIXES)}), as data/make_shards.py writes it")
+
+
+def _manifest_count(value, field: str, murl: str, minimum: int = 0) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    raise ShardError(f"{murl}: {field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _refuse_repeats(urls: Sequence[str], where: str):
+    """The same shard twice would be read twice per epoch (and a rank pair could hold the same
+    samples): refused, naming both entries."""
+    first = {}
+    for i, u in enumerate(urls):
+        j = first.setdefault(u, i)
+        if j != i:
+            raise ShardError(f"{where} {j} and {i} are the same shard {u!r}; list each shard "
+                             "once")
+
+
+def _parse_manifest(raw: bytes, murl: str) -> Manifest:
+    """A manifest's bytes -> Manifest, every field checked; ShardError names the manifest and
+    the field. num_classes may be absent (labels are then only checked to be >= 0)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(f"{murl} is not a JSON manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ShardError(f"{murl} holds a JSON {type(data).__name__}, not a manifest object "
+                         "with 'shards' and 'num_samples' (data/make_shards.py writes one)")
+    for k in ("shards", "num_samples"):
+        if k not in data:
+            raise ShardError(f"{murl}: manifest has no {k!r} field")
+    shards = data["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise ShardError(f"{murl}: 'shards' must be a non-empty list of {{\"url\", \"count\"}} "
+                         f"entries, got {str(shards)[:80]!r}")
+    names = [_shard_name(s, murl, i) for i, s in enumerate(shards)]
+    counts = [_manifest_count(s.get("count"), f"shards[{i}].count", murl)
+              for i, s in enumerate(shards)]
+    _refuse_repeats(names, f"{murl}: shards")
+    num_samples = _manifest_count(data["num_samples"], "num_samples", murl)
+    num_classes = data.get("num_classes")
+    if num_classes is not None:
+        num_classes = _manifest_count(num_classes, "num_classes", murl, 1)
+    if sum(counts) != num_samples:
+        raise ShardError(f"{murl}: num_samples is {num_samples} but its shards' counts "
+                         f"add up to {sum(counts)}; the manifest was edited or is from "
+                         "another conversion (make_shards writes it)")
+    base = murl.rsplit("/", 1)[0] if "/" in murl else "."
+    return Manifest([join_url(base, n) for n in names], num_samples, num_classes, counts)
+
+
+def _read_manifest(src: str, murl: str) -> Manifest:
+    """The manifest at murl (named by the user as `src`); ShardError when it cannot be read."""
+    try:
+        raw = read_bytes(murl)
+    except FileNotFoundError:
+        folder = os.path.dirname(murl) or "."
+        if not is_remote(murl) and not os.path.isdir(folder):
+            raise ShardError(f"{src} does not exist (expected a folder or s3:// prefix holding "
+                             "manifest.json, a manifest.json, a shard or a brace pattern)"
+                             ) from None
+        raise ShardError(f"no manifest at {murl} (a single shard's name ends in "
+                         f"{' / '.join(_SHARD_SUFFIXES)})") from None
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a dead endpoint, bad credentials, EACCES
+        if not (is_remote(murl) or isinstance(e, OSError)):
+            raise
+        raise ShardError(f"cannot read {murl} from {endpoint_of(murl)}: "
+                         f"{type(e).__name__}: {e}") from None
+    return _parse_manifest(raw, murl)
 
 
 def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str] = None
                   ) -> Manifest:
     """Shard URLs (+ sample and class counts when known) from:
     a manifest.json path/URL, a directory or s3:// prefix holding manifest.json, a brace pattern
-    (`dir/shard-{000000..000099}.tar`), or a list of URLs.
-    url_template: e.g. "pipe:aws s3 cp {url} -" rewrites every URL (reading through a command).
+    (`dir/shard-{000000..000099}.tar`), or a list of URLs. A shard listed twice is an error.
+    url_template: e.g. "pipe:aws s3 cp {url} -" rewrites every URL (reading through a command);
+    in a pipe: template each URL is shell-quoted, so a name is never more than one argument.
     """
     if isinstance(source, (list, tuple)):
+        if not all(isinstance(u, str) and u for u in source):
+            raise ShardError(f"a URL list must hold non-empty strings, got {list(source)[:5]!r}")
         m = Manifest(list(source))
+        _refuse_repeats(m.urls, "the URL list's entries")
     else:
         src = str(source)
         # A folder or prefix (with or without a trailing slash, local or s3://) holds a
         # manifest.json; a shard name, a brace pattern or a pipe: command is a shard list.
         shards = src.startswith("pipe:") or "{" in src or src.endswith(_SHARD_SUFFIXES)
         if src.endswith(".json"):
-            murl = src
+            m = _read_manifest(src, src)
         elif not shards:
-            murl = join_url(src, "manifest.json")
+            m = _read_manifest(src, join_url(src, "manifest.json"))
         else:
-            murl = None
-        if murl is None:
             m = Manifest(wds.shardlists.expand_urls(src))
-        else:
-            try:
-                data = json.loads(read_manifest_text(murl))
-            except FileNotFoundError:
-                raise ShardError(f"no manifest at {murl} (a single shard's name ends in "
-                                 f"{' / '.join(_SHARD_SUFFIXES)})") from None
-            except ImportError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a dead endpoint, bad credentials, EACCES
-                if not (is_remote(murl) or isinstance(e, OSError)):
-                    raise
-                raise ShardError(f"cannot read {murl} from {endpoint_of(murl)}: "
-                                 f"{type(e).__name__}: {e}") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ShardError(f"{murl} is not a JSON manifest: {e}") from None
-            for k in ("shards", "num_samples"):
-                if k not in data:
-                    raise ShardError(f"{murl}: manifest has no {k!r} field")
-            base = murl.rsplit("/", 1)[0] if "/" in murl else "."
-            try:
-                counts = [int(s["count"]) for s in data["shards"]]
-                num_samples = int(data["num_samples"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ShardError(f"{murl}: a shard entry or num_samples is not a count "
-                                 f"({type(e).__name__}: {e})") from None
-            if sum(counts) != num_samples:
-                raise ShardError(f"{murl}: num_samples is {num_samples} but its shards' counts "
-                                 f"add up to {sum(counts)}; the manifest was edited or is from "
-                                 "another conversion (make_shards writes it)")
-            m = Manifest([join_url(base, _shard_name(s, murl)) for s in data["shards"]],
-                         num_samples, data.get("num_classes"), counts)
+            _refuse_repeats(m.urls, f"{src}: its entries")
     if not m.urls:
         raise ShardError(f"no shard URLs in {source!r}")
     if url_template:
-        m.urls = [url_template.format(url=u) for u in m.urls]
+        if "{url}" not in url_template:
+            raise ValueError(f"url_template {url_template!r} has no {{url}} to fill in")
+        quote = shlex.quote if url_template.lstrip().startswith("pipe:") else str
+        try:
+            m.urls = [url_template.format(url=quote(u)) for u in m.urls]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"url_template {url_template!r}: {{url}} is its only field; write "
+                             f"other braces as {{{{ }}}} ({type(e).__name__}: {e})") from None
     return m
 
 

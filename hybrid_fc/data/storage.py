@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from typing import List, Optional
 
-__all__ = ["register_s3_handler", "is_remote", "open_read", "join_url", "OutputDir",
-           "OutputError", "endpoint_of"]
+__all__ = ["register_s3_handler", "is_remote", "open_read", "read_bytes", "join_url",
+           "OutputDir", "OutputError", "endpoint_of"]
 
 # Streaming read size for S3 objects: one ranged GET per block. 8 MiB keeps per-request overhead
 # (~10 ms) small next to the transfer and costs 8 MiB of buffer per open shard per worker.
@@ -241,11 +241,8 @@ class OutputDir:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def read_manifest_text(url: str) -> str:
-    """Text of a manifest at a local path or remote URL."""
-    if is_remote(url):
-        with open_read(url) as f:
-            data = f.read()
-        return data.decode() if isinstance(data, bytes) else data
-    with io.open(url) as f:
+def read_bytes(url: str) -> bytes:
+    """The whole content of a small file (a manifest) at a local path or remote URL; bytes, so
+    that a file that is not text is the JSON parser's error, with the caller's file name."""
+    with open_read(url) as f:
         return f.read()

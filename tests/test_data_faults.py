@@ -9,8 +9,12 @@ tiny fixtures written here. tests/README.md ("Data path") lists the probes and t
 import json
 import os
 import resource
+import select
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -280,3 +284,87 @@ def test_corrupt_manifests_name_the_file_and_the_field(tmp_path, edit, message):
     manifest = _manifest_with(tmp_path, "bad", edit)
     with pytest.raises(ShardError, match=r"bad/manifest\.json" + message):
         make_loader(manifest, 2, rank=0, world_size=1)
+
+
+# -- S3: a server that stops answering ends within data.retry_s -----------------------------------
+class _StallingProxy:
+    """A TCP proxy in front of the local S3 server that, once `stall()` is called, keeps every
+    connection open and accepts new ones but relays nothing: a hung server, not a dead one."""
+
+    def __init__(self, upstream: str):
+        self.upstream = int(upstream.rsplit(":", 1)[1])
+        self.stalled = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.sockets.append(client)
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client):
+        if self.stalled.is_set():
+            return  # accepted, never answered
+        server = socket.create_connection(("127.0.0.1", self.upstream))
+        self.sockets.append(server)
+        other = {client: server, server: client}
+        while not self.stalled.is_set():
+            ready, _, _ = select.select([client, server], [], [], 0.05)
+            for sock in ready:
+                try:
+                    data = sock.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data or self.stalled.is_set():
+                    return
+                other[sock].sendall(data)
+
+    def stall(self):
+        self.stalled.set()
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+
+def _fresh_s3fs():
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()  # clients remember the endpoint they were made for
+
+
+def test_stalling_s3_server_ends_within_retry_s(s3_server, data_tiny_shards, monkeypatch):
+    """A server that stops answering mid-epoch: with data.retry_s=3 a ShardError names the shard
+    and the endpoint within 3 + 5 s; at start, the manifest read gives up within the check
+    timeout. Bug caught: fixed 20 s read timeouts, twice per attempt (HEAD, GET), made it 82 s
+    with retry_s=3 and 90 s with the default 20 s, whatever data.retry_s said."""
+    from test_data_s3 import _upload
+    _upload(s3_server, "faces", "stall", data_tiny_shards)
+    proxy = _StallingProxy(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    _fresh_s3fs()
+    try:
+        loader = make_loader("s3://faces/stall/", 4, rank=0, world_size=1, num_workers=0,
+                             shuffle_buffer=0, retry_s=3)
+        batches = iter(loader)
+        next(batches)
+        proxy.stall()
+        t = time.monotonic()
+        with pytest.raises(ShardError, match=rf"shard s3://faces/stall/shard-\d+\.tar cannot be "
+                                             rf"read from endpoint {proxy.endpoint}: .*Timeout"):
+            for _ in batches:
+                pass
+        assert time.monotonic() - t < 3 + 5
+        t = time.monotonic()
+        with pytest.raises(ShardError, match=r"cannot read s3://faces/stall/manifest\.json from "
+                                             rf"endpoint {proxy.endpoint}"):
+            make_loader("s3://faces/stall/", 4, rank=0, world_size=1, check_timeout=2)
+        assert time.monotonic() - t < 2 + 3
+    finally:
+        proxy.close()
+        _fresh_s3fs()

@@ -27,18 +27,30 @@ LOCAL_BUFFER = 1 << 20  # local shard reads: 1 MiB buffer -> few syscalls per 25
 # Reads fail fast and leave retrying to the caller (loader.read_shards retries a shard with
 # backoff for a bounded time, then names the shard and the endpoint): no retries inside botocore
 # or s3fs (theirs stacked to ~10 s per request against a dead endpoint, and 75 s per failed
-# epoch), a 5 s connect timeout (a black-holed endpoint) and a 20 s read timeout (a hung server).
-_READ_CONFIG = {"connect_timeout": 5, "read_timeout": 20,
-                "retries": {"max_attempts": 1, "mode": "standard"}}
+# epoch). The connect and read timeouts come from the caller's time budget (`timeout`): a hung
+# server answers nothing, and with fixed 20 s timeouts a stalled S3 server took 80 s (an open's
+# HEAD and GET, twice) to become an error whatever data.retry_s said.
+_CONNECT_TIMEOUT = 5.0
+# Timeouts are rounded down to one of these steps, so that a process holds at most a handful of
+# differently configured clients (fsspec caches one filesystem per configuration).
+_TIMEOUT_STEPS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-def _s3fs(for_streaming: bool = False):
-    """fsspec's s3 filesystem; for_streaming: without internal retries (see _READ_CONFIG)."""
+def _timeout_step(timeout: float) -> float:
+    return max([t for t in _TIMEOUT_STEPS if t <= timeout] or [_TIMEOUT_STEPS[0]])
+
+
+def _s3fs(timeout: Optional[float] = None):
+    """fsspec's s3 filesystem. timeout: a streaming reader without internal retries whose
+    connect and read timeouts each fit in `timeout` seconds (see _CONNECT_TIMEOUT)."""
     try:
         import fsspec
-        if not for_streaming:
+        if timeout is None:
             return fsspec.filesystem("s3")  # cached per process (fsspec checks the pid after fork)
-        fs = fsspec.filesystem("s3", config_kwargs=_READ_CONFIG)
+        t = _timeout_step(timeout)
+        fs = fsspec.filesystem("s3", config_kwargs={
+            "connect_timeout": min(_CONNECT_TIMEOUT, t), "read_timeout": t,
+            "retries": {"max_attempts": 1, "mode": "standard"}})
         fs.retries = 1  # s3fs's own retry loop around each call
         return fs
     except ImportError as e:
@@ -53,8 +65,9 @@ def endpoint_of(url: str) -> str:
     return "the local filesystem" if not is_remote(url) else url.split("/", 3)[2]
 
 
-def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
-    fs = _s3fs(for_streaming=mode[0] == "r")
+def _gopen_s3(url, mode="rb", bufsize=8192, timeout: float = 16.0, **kw):
+    """webdataset's gopen handler for s3://; `timeout`: see _s3fs (reads only)."""
+    fs = _s3fs(timeout if mode[0] == "r" else None)
     if mode[0] == "r":
         # fsspec's file object spends ~5-10 us of Python per read() call, and a tar reader makes
         # four per sample; a C BufferedReader in front serves them from 1 MiB chunks (measured
@@ -83,14 +96,17 @@ def join_url(base: str, name: str) -> str:
     return os.path.join(base, name)
 
 
-def open_read(url: str):
-    """A readable binary stream for a shard URL (local path, file://, s3://, pipe:, http...)."""
+def open_read(url: str, timeout: float = 16.0):
+    """A readable binary stream for a shard URL (local path, file://, s3://, pipe:, http...).
+    timeout: for s3://, each request (the open's HEAD, every ranged GET) waits at most about
+    this long for a connection and for each answer (rounded down to a power of 2, 0.5-16 s).
+    """
     if url.startswith("file://"):
         url = url[len("file://"):]
     if "://" not in url and not url.startswith("pipe:"):
         return open(url, "rb", buffering=LOCAL_BUFFER)
     if url.startswith("s3://"):
-        return _gopen_s3(url, "rb")
+        return _gopen_s3(url, "rb", timeout=timeout)
     import webdataset
     return webdataset.gopen(url, "rb")
 
@@ -241,8 +257,10 @@ class OutputDir:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, timeout: float = 16.0) -> bytes:
     """The whole content of a small file (a manifest) at a local path or remote URL; bytes, so
-    that a file that is not text is the JSON parser's error, with the caller's file name."""
-    with open_read(url) as f:
+    that a file that is not text is the JSON parser's error, with the caller's file name. A
+    remote server that does not answer raises within about `timeout` (its HEAD and GET each
+    wait half)."""
+    with open_read(url, timeout / 2) as f:
         return f.read()

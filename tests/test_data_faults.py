@@ -368,3 +368,56 @@ def test_stalling_s3_server_ends_within_retry_s(s3_server, data_tiny_shards, mon
     finally:
         proxy.close()
         _fresh_s3fs()
+
+
+# -- a loader state that this loader cannot have written ------------------------------------------
+def _edited(state, **fields):
+    out = json.loads(json.dumps(state))
+    for k, v in fields.items():
+        out[k] = v
+    return out
+
+
+def test_loader_state_is_checked_before_resuming(tmp_path):
+    """A real mid-epoch state with corrupt samples skipped (2 workers) resumes; crafted ones are
+    refused with a ValueError naming the field. Bug caught: `raw=[10**9]` (a worker's position)
+    was taken as it came and the resumed worker skipped samples for ever; strings, negative
+    counts and positions past the epoch were cast or used as they were."""
+    from test_data_ranks import _write_shards
+    d = _write_shards(str(tmp_path), 4, 10, corrupt=(0, 1))
+    kw = dict(rank=0, world_size=1, num_workers=2, shuffle_buffer=0, seed=1)
+    loader = make_loader(d, 4, **kw)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    del it
+    assert sum(s.get("corrupt", 0) for s in state["worker_stats"]) > 0  # the relation is tested
+    resumed = make_loader(d, 4, **kw)
+    resumed.load_state_dict(_edited(state))
+    assert len(_epoch(resumed)) == len(loader) - 3
+    raw0, per_epoch = state["raw"][0], len(loader)
+    layout2 = dict(state["layout"], world_size=2)
+    for fields, field in (
+            (dict(raw=[10 ** 9, state["raw"][1]]), r"raw\[0\] is 1000000000, but worker 0 handed "
+                                                   r"out 2 batches of 4"),
+            (dict(raw=[raw0]), r"raw is \[\d+\], expected a list of 2 counts"),
+            (dict(worker_stats=[{"corrupt": 10 ** 9}, {}], raw=[8 + 10 ** 9, 0]),
+             r"worker_stats\[0\]\['corrupt'\] is 1000000000, expected an integer in \[0, 40\]"),
+            (dict(worker_stats=[{"corrupt": "2"}, {}]), r"worker_stats\[0\]\['corrupt'\] is '2'"),
+            (dict(epoch="1"), r"epoch is '1', expected an integer"),
+            (dict(epoch=-1), r"epoch is -1"),
+            (dict(batches_done=per_epoch + 1), rf"batches_done is {per_epoch + 1}, expected an "
+                                               rf"integer in \[0, {per_epoch}\]"),
+            (dict(layout=layout2, batches_done=10 ** 6), r"batches_done is 1000000"),
+            (dict(layout={"seed": 1}), r"layout is \{'seed': 1\}, expected the fields"),
+            (dict(stats_before={"corrupt_samples": -5}),
+             r"stats_before\['corrupt_samples'\] is -5"),
+            (dict(stats_before=[]), r"stats_before is \[\], expected a mapping")):
+        with pytest.raises(ValueError, match=r"data loader state \(a checkpoint's rank_state\): "
+                                             + field + ".*resume from another checkpoint"):
+            make_loader(d, 4, **kw).load_state_dict(_edited(state, **fields))
+    with pytest.raises(ValueError, match=r"field 'raw' is missing"):
+        make_loader(d, 4, **kw).load_state_dict({k: v for k, v in state.items() if k != "raw"})
+    with pytest.raises(ValueError, match=r"the state is list, expected a mapping"):
+        make_loader(d, 4, **kw).load_state_dict([state])

@@ -637,7 +637,7 @@ class ShardLoader:
         self.epoch, self.batches_done = epoch, 0
         self._raw = [0] * self.cfg["num_workers_logical"]
         self._worker_stats = [{} for _ in self._raw]
-        self._stats_before = {"corrupt_samples": 0, "shard_errors": 0}  # earlier epochs
+        self._stats_before = dict.fromkeys(_TOTALS, 0)  # earlier epochs
         self._last_log = 0.0
         make_decoder(decoder)  # fail here, not in a worker, on an unknown decoder
 
@@ -647,10 +647,10 @@ class ShardLoader:
     @property
     def stats(self) -> dict:
         """corrupt_samples (skipped) and shard_errors (shards that failed mid-way), this run."""
-        out = dict(self._stats_before)
+        out = {k: self._stats_before.get(k, 0) for k in _TOTALS}
         for s in self._worker_stats:
-            out["corrupt_samples"] += s.get("corrupt", 0)
-            out["shard_errors"] += s.get("shard_errors", 0)
+            for total, counter in zip(_TOTALS, _COUNTERS):
+                out[total] += s.get(counter, 0)
         return out
 
     def _layout(self) -> dict:
@@ -665,10 +665,15 @@ class ShardLoader:
                 "stats_before": dict(self._stats_before), "layout": self._layout()}
 
     def load_state_dict(self, state: dict):
-        self.epoch = int(state["epoch"])
-        self._stats_before = dict(state.get("stats_before", self._stats_before))
-        if state.get("layout") == self._layout():
-            self.batches_done = int(state["batches_done"])
+        """Continue where `state` (from state_dict, e.g. a checkpoint's rank_state) stopped.
+        Every field is checked first, against this loader's layout and epoch: a damaged or
+        crafted state (raw=[10**9] made a worker skip samples for ever) is a ValueError naming
+        the field."""
+        _check_state(state, self.num_samples, self._layout())
+        self.epoch = state["epoch"]
+        self._stats_before = dict(state["stats_before"])
+        if state["layout"] == self._layout():
+            self.batches_done = state["batches_done"]
             self._raw = list(state["raw"])
             self._worker_stats = [dict(s) for s in state["worker_stats"]]
         else:
@@ -695,9 +700,7 @@ class ShardLoader:
     def _run(self, total: int, done: int):
         nw = self.cfg["num_workers_logical"]
         rotation = done % nw
-        # batch k goes to logical worker k % nw: worker w's count is the length of piece w
-        share = [len(range(*split_span(total, w, nw))) for w in range(nw)]
-        taken = [len(range(*split_span(done, w, nw))) for w in range(nw)]
+        share, taken = _per_worker(total, nw), _per_worker(done, nw)
         # indexed by logical worker; _RankStream maps physical worker ids onto them
         remaining = [share[w] - taken[w] for w in range(nw)]
         dataset = _RankStream(dict(self.cfg, epoch=self.epoch), rotation, remaining,
@@ -716,8 +719,7 @@ class ShardLoader:
             for images, labels, info in batches:
                 w = info["worker"]
                 self._raw[w] = info["raw"]
-                self._worker_stats[w] = {"corrupt": info["corrupt"],
-                                         "shard_errors": info["shard_errors"]}
+                self._worker_stats[w] = {k: info[k] for k in _COUNTERS}
                 self.batches_done += 1
                 self._maybe_log()
                 yield images, labels
@@ -750,6 +752,70 @@ class ShardLoader:
 
 def _batches_in(layout: dict, num_samples: int) -> int:
     return num_samples // (layout["world_size"] * layout["batch_size"])
+
+
+def _per_worker(batches: int, num_workers: int) -> List[int]:
+    """How many of the first `batches` batches each logical worker hands out: batch k comes
+    from worker k % num_workers, so worker w's count is the length of piece w."""
+    return [len(range(*split_span(batches, w, num_workers))) for w in range(num_workers)]
+
+
+_COUNTERS = ("corrupt", "shard_errors")  # a worker's counters in state["worker_stats"]
+_TOTALS = ("corrupt_samples", "shard_errors")  # state["stats_before"], ShardLoader.stats
+
+
+def _check_state(state, num_samples: int, layout: dict):
+    """ValueError naming the first field of a loader state that this loader cannot have
+    written: a wrong type, a negative count, a position past the epoch, or a worker position
+    (raw samples it consumed) other than its batches' samples plus the corrupt ones it skipped
+    (the exact relation state_dict keeps). Corrupt samples beyond the epoch's sample count are
+    refused too: a crafted count would make resume skip that many samples."""
+    def bad(field, value, want):
+        raise ValueError(f"data loader state (a checkpoint's rank_state): {field} is "
+                         f"{str(value)[:80]}, {want}; the state is damaged or from another "
+                         "dataset: resume from another checkpoint, or start the epoch over")
+
+    def count(field, value, minimum=0, maximum=None):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum or \
+                (maximum is not None and value > maximum):
+            bad(field, repr(value), f"expected an integer in [{minimum}, "
+                                    f"{'...' if maximum is None else maximum}]")
+        return value
+
+    def counters(field, value, names, maximum=None):
+        if not isinstance(value, dict) or set(value) - set(names):
+            bad(field, repr(value), f"expected a mapping of {', '.join(names)}")
+        for k, v in value.items():
+            count(f"{field}[{k!r}]", v, 0, maximum)
+        return value
+
+    if not isinstance(state, dict):
+        bad("the state", type(state).__name__, "expected a mapping")
+    for k in ("epoch", "batches_done", "raw", "worker_stats", "stats_before", "layout"):
+        if k not in state:
+            bad(f"field {k!r}", "missing", "expected every field state_dict writes")
+    count("epoch", state["epoch"])
+    counters("stats_before", state["stats_before"], _TOTALS)
+    saved = state["layout"]
+    if not isinstance(saved, dict) or set(saved) != set(layout):
+        bad("layout", repr(saved), f"expected the fields {sorted(layout)}")
+    for k, v in saved.items():
+        count(f"layout[{k!r}]", v, {"seed": -2 ** 63, "shuffle_buffer": 0}.get(k, 1))
+    batches = count("batches_done", state["batches_done"], 0, _batches_in(saved, num_samples))
+    if saved != layout:
+        return  # only the epoch and its fraction done are used
+    nw, size = layout["num_workers_logical"], layout["batch_size"]
+    raw, stats = state["raw"], state["worker_stats"]
+    if not isinstance(raw, list) or len(raw) != nw:
+        bad("raw", repr(raw), f"expected a list of {nw} counts (one per worker)")
+    if not isinstance(stats, list) or len(stats) != nw:
+        bad("worker_stats", repr(stats), f"expected a list of {nw} mappings (one per worker)")
+    for w, taken in enumerate(_per_worker(batches, nw)):
+        counters(f"worker_stats[{w}]", stats[w], _COUNTERS, num_samples)
+        corrupt = stats[w].get("corrupt", 0)
+        if count(f"raw[{w}]", raw[w]) != taken * size + corrupt:
+            bad(f"raw[{w}]", raw[w], f"but worker {w} handed out {taken} batches of {size} and "
+                                     f"skipped {corrupt} corrupt samples: {taken * size + corrupt}")
 
 
 def _check_int(name: str, value, minimum: int):

@@ -421,3 +421,64 @@ def test_loader_state_is_checked_before_resuming(tmp_path):
         make_loader(d, 4, **kw).load_state_dict({k: v for k, v in state.items() if k != "raw"})
     with pytest.raises(ValueError, match=r"the state is list, expected a mapping"):
         make_loader(d, 4, **kw).load_state_dict([state])
+
+
+# -- DataLoader workers: an error in one, a worker killed on one rank -----------------------------
+def test_a_worker_error_arrives_as_one_line(tmp_path):
+    """A ShardError raised in a DataLoader worker (a label outside num_classes) reaches the
+    main process with its own message, the same as without workers. Bug caught: torch re-raised
+    it as 'Caught ShardError in DataLoader worker process 0. Original Traceback ...', some 20
+    lines that run_script printed as the 'one line'."""
+    def edit(m):
+        m["num_classes"] = 2
+    manifest = _manifest_with(tmp_path, "labels", edit)
+    messages = []
+    for workers in (0, 1):
+        loader = make_loader(manifest, 4, rank=0, world_size=1, num_workers=workers,
+                             shuffle_buffer=0)
+        with pytest.raises(ShardError) as caught:
+            _epoch(loader)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "\n" not in messages[1], messages
+    assert "has label" in messages[1]
+
+
+def _kill_a_worker_on_rank_1(rank, world_size, data):
+    """Training's consumer (InputStreams: a shared error check per batch) plus a collective per
+    step; rank 1 kills its DataLoader worker after 2 steps. Returns what each rank raised."""
+    import psutil
+    import signal
+    import torch
+    import torch.distributed as dist
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.trainer import InputStreams
+    cfg = load_config(None, ["data.source=webdataset", f"data.urls={data}", "data.num_workers=1",
+                             "data.shuffle_buffer=0", "head.num_classes=4", "model.input_size=16"])
+    streams = InputStreams(cfg, 2, rank, world_size, torch.device("cpu"))
+    t = time.monotonic()
+    try:
+        for step in range(100):
+            next(streams)
+            dist.all_reduce(torch.ones(1))  # the head's collective
+            if rank == 1 and step == 1:
+                for child in psutil.Process().children():
+                    os.kill(child.pid, signal.SIGKILL)
+            time.sleep(0.02)
+    except Exception as exc:  # noqa: BLE001 - the test compares what each rank raised
+        return type(exc).__name__, str(exc), time.monotonic() - t
+    return None
+
+
+def test_a_worker_killed_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """Bug caught: torch's SIGCHLD handler raised 'DataLoader worker is killed by signal' from
+    whatever code ran at that moment (a collective, a sleep) on the rank that lost its worker,
+    outside the loader's shared error check; the other rank then died in gloo with a 22-line
+    'Connection closed by peer' traceback. Now the loader finds the death at its next fetch and
+    every rank stops with a line naming it."""
+    from harness import run_ranks
+    data = _handmade_shards(str(tmp_path), n_shards=4, per=10)
+    r0, r1 = run_ranks(2, _kill_a_worker_on_rank_1, data, timeout=90)
+    assert r1[0] == "LoaderError" and "a data loader worker process died" in r1[1], r1
+    assert "out-of-memory killer" in r1[1] and "\n" not in r1[1]
+    assert r0[:2] == ("RankFailed", f"rank 1 failed: LoaderError: {r1[1]}"), r0
+    assert max(r0[2], r1[2]) < 30

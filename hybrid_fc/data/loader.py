@@ -24,9 +24,11 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shlex
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from .tario import TarError, iter_tar
 from .storage import (endpoint_of, is_remote, join_url, open_read, read_bytes,
                       register_s3_handler)
 
-__all__ = ["ShardError", "Manifest", "load_manifest", "check_shards",
+__all__ = ["ShardError", "LoaderError", "Manifest", "load_manifest", "check_shards",
            "make_loader", "ShardLoader", "epoch_shards", "split_by_rank", "split_by_worker"]
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ log = logging.getLogger(__name__)
 
 class ShardError(RuntimeError):
     """A shard that cannot be opened or read; the message names the URL(s)."""
+
+
+class LoaderError(RuntimeError):
+    """The loader cannot go on for a reason outside the data: a worker process died."""
 
 
 # --- manifest --------------------------------------------------------------------------------
@@ -586,7 +592,47 @@ class _RankStream(torch.utils.data.IterableDataset):
                     num_classes=c["num_classes"]),
         ]
         # with_epoch: exactly this worker's share of the rank's batches, then stop
-        return iter(wds.DataPipeline(*stages).with_epoch(self.remaining[worker]))
+        return _errors_as_items(wds.DataPipeline(*stages).with_epoch(self.remaining[worker]))
+
+
+class _WorkerError:
+    """An error of hybrid_fc's own (a ShardError, a bad label) raised in a DataLoader worker,
+    carried to the main process as an item and raised there as it was. torch would re-raise it
+    with the worker's whole traceback inside the message: 20 lines where the user needs the
+    one that names the shard."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _errors_as_items(batches) -> Iterator:
+    try:
+        yield from batches
+    except Exception as e:
+        if torch.utils.data.get_worker_info() is None or \
+                not type(e).__module__.startswith("hybrid_fc"):
+            raise  # in the main process, or a bug: the traceback stays
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - cannot travel: torch's own path, traceback included
+            raise e from None
+        yield _WorkerError(e)
+
+
+def _iter_without_sigchld_errors(loader: torch.utils.data.DataLoader):
+    """iter(loader) with torch's SIGCHLD handler taken out again. torch installs it (once per
+    process, on the main thread) at the first multi-worker iterator; it raises "DataLoader
+    worker ... is killed by signal" from whatever code runs when a worker dies: in a trainer,
+    inside a collective on that one rank, which leaves the other ranks with a gloo traceback.
+    Without it torch finds the dead worker at the next batch fetch (it checks its workers every
+    5 s while waiting), inside this loader, where the error can be shared by every rank. A
+    handler torch installed earlier (a DataLoader of other code in this process) is left."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGCHLD) if main else None
+    batches = iter(loader)
+    if main and signal.getsignal(signal.SIGCHLD) is not before:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if before is None else before)
+    return batches
 
 
 class ShardLoader:
@@ -714,9 +760,12 @@ class ShardLoader:
                   generator=base)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        batches = iter(torch.utils.data.DataLoader(dataset, **kw))
+        batches = _iter_without_sigchld_errors(torch.utils.data.DataLoader(dataset, **kw))
         try:
-            for images, labels, info in batches:
+            for item in _worker_deaths_named(batches):
+                if isinstance(item, _WorkerError):
+                    raise item.error
+                images, labels, info = item
                 w = info["worker"]
                 self._raw[w] = info["raw"]
                 self._worker_stats[w] = {k: info[k] for k in _COUNTERS}
@@ -748,6 +797,20 @@ class ShardLoader:
         self.epoch += 1
         self.batches_done = 0
         self._raw = [0] * self.cfg["num_workers_logical"]
+
+
+def _worker_deaths_named(batches) -> Iterator:
+    """The DataLoader's items; a worker that died (torch: "DataLoader worker (pid(s) N) exited
+    unexpectedly") is a LoaderError that says what usually kills one and what to do."""
+    try:
+        yield from batches
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        raise LoaderError(f"a data loader worker process died ({e}): killed from outside, most "
+                          "often by the out-of-memory killer (see dmesg and the job's memory "
+                          "limit; fewer data.num_workers or a smaller data.shuffle_buffer use "
+                          "less), or crashed; resume from the last checkpoint") from None
 
 
 def _batches_in(layout: dict, num_samples: int) -> int:

@@ -21,7 +21,7 @@ import pytest
 from hybrid_fc.data import ShardError, convert, load_manifest, make_loader
 from hybrid_fc.data.storage import OutputError
 from test_data_convert import _jpeg
-from test_data_loader import _epoch, _handmade_shards
+from test_data_loader import _epoch, _handmade_shards, _write_tar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HINT = "(HYBRID_FC_TRACEBACK=1 or --verbose shows the traceback)"
@@ -482,3 +482,42 @@ def test_a_worker_killed_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     assert "out-of-memory killer" in r1[1] and "\n" not in r1[1]
     assert r0[:2] == ("RankFailed", f"rank 1 failed: LoaderError: {r1[1]}"), r0
     assert max(r0[2], r1[2]) < 30
+
+
+# -- images: 16-bit PNGs, images of another size ------------------------------------------------
+def test_16_bit_png_decodes_and_resized_images_are_counted(tmp_path, caplog):
+    """One shard: four 16x16 JPEGs, a 16-bit grayscale PNG (a gradient over 0..65535) and a
+    24x24 JPEG, read at image_size=16 by each decoder, with and without a worker. Bugs caught:
+    the PNG decoded as all 255 (PIL's convert('RGB') clips 16-bit values), and the 24x24 image
+    was resized without a trace (now counted in loader.stats and logged like a corrupt one)."""
+    import io
+    import numpy as np
+    from PIL import Image
+    from hybrid_fc.data import available_decoders
+    from hybrid_fc.data.synthetic import encode_jpeg, synthetic_image
+    gradient = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(gradient).save(png, format="PNG")
+    samples = []
+    for i in range(6):
+        image = (png.getvalue() if i == 4 else
+                 encode_jpeg(synthetic_image(i, i, 24 if i == 5 else 16)))
+        samples += [(f"{i:05d}", "png" if i == 4 else "jpg", image),
+                    (f"{i:05d}", "cls", str(i).encode())]
+    _write_tar(tmp_path / "s0.tar", samples)
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"num_samples": 6, "num_classes": 6, "shards": [{"url": "s0.tar", "count": 6}]}))
+    for decoder in available_decoders():
+        for workers in (0, 1):
+            loader = make_loader(str(tmp_path), 2, rank=0, world_size=1, num_workers=workers,
+                                 shuffle_buffer=0, image_size=16, decoder=decoder)
+            with caplog.at_level("WARNING"):
+                batches = _epoch(loader)
+            images = {int(y): x for xs, ys in batches for x, y in zip(xs, ys)}
+            assert sorted(images) == list(range(6))
+            want = np.repeat((gradient >> 8).astype(np.uint8)[None], 3, axis=0)
+            assert np.array_equal(images[4].numpy(), want), (decoder, workers)
+            assert loader.stats["resized_samples"] == 1 and loader.stats["corrupt_samples"] == 0
+            assert loader.state_dict()["stats_before"]["resized_samples"] == 1
+    assert "a 24x24 image, resized to 16x16" in caplog.text
+    assert "1 images of another size resized" in caplog.text

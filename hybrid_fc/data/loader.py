@@ -319,7 +319,13 @@ class StreamStats:
     """Samples taken out of the shuffle buffer (decoded or skipped)."""
     corrupt_samples: int = 0
     shard_errors: int = 0
+    resized_samples: int = 0
+    """Decoded images of another size than the batch's, resized (bilinear) to fit it."""
     errors: List[str] = field(default_factory=list)  # the first few messages, for the log
+
+    def counters(self) -> dict:
+        """What a worker reports with each batch (a state_dict's worker_stats entry)."""
+        return {c: getattr(self, t) for t, c in zip(_TOTALS, _COUNTERS)}
 
 
 def _note(stats: StreamStats, msg: str):
@@ -542,12 +548,17 @@ def decode_batches(samples: Iterator[dict], batch_size: int, stats: StreamStats,
             labels = _alloc((batch_size,), torch.int64)
             # numpy views: per-sample torch indexing costs ~10 us, a numpy store ~1 us
             images_np, labels_np = images.numpy(), labels.numpy()
-        images_np[i] = rgb if rgb.shape[:2] == image_size else fit_size(rgb, image_size)
+        if rgb.shape[:2] != image_size:
+            stats.resized_samples += 1
+            _note(stats, f"sample {s.get('__key__')} in {s.get('__url__')}: a "
+                         f"{rgb.shape[0]}x{rgb.shape[1]} image, resized to "
+                         f"{image_size[0]}x{image_size[1]}")
+            rgb = fit_size(rgb, image_size)
+        images_np[i] = rgb
         labels_np[i] = label
         i += 1
         if i == batch_size:
-            info = {"worker": worker, "raw": stats.raw_samples, "corrupt": stats.corrupt_samples,
-                    "shard_errors": stats.shard_errors}
+            info = {"worker": worker, "raw": stats.raw_samples, **stats.counters()}
             yield images.permute(0, 3, 1, 2), labels, info
             images = labels = None
             i = 0
@@ -573,8 +584,7 @@ class _RankStream(torch.utils.data.IterableDataset):
         if c["register_s3"]:
             register_s3_handler()
         carried = self.carried[worker]
-        stats = StreamStats(corrupt_samples=carried.get("corrupt", 0),
-                            shard_errors=carried.get("shard_errors", 0))
+        stats = StreamStats(**{t: carried.get(c, 0) for t, c in zip(_TOTALS, _COUNTERS)})
         stages = [
             lambda: epoch_shards(c["urls"], c["seed"], c["epoch"]),
             partial(split_by_rank, rank=c["rank"], world_size=c["world_size"]),
@@ -692,7 +702,8 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict:
-        """corrupt_samples (skipped) and shard_errors (shards that failed mid-way), this run."""
+        """corrupt_samples (skipped), shard_errors (shards that failed mid-way) and
+        resized_samples (decoded at another size than the batch's), this run."""
         out = {k: self._stats_before.get(k, 0) for k in _TOTALS}
         for s in self._worker_stats:
             for total, counter in zip(_TOTALS, _COUNTERS):
@@ -784,11 +795,11 @@ class ShardLoader:
 
     def _maybe_log(self, force: bool = False):
         s = self.stats
-        if (s["corrupt_samples"] or s["shard_errors"]) and \
-                (force or time.monotonic() - self._last_log > 60):
+        if any(s.values()) and (force or time.monotonic() - self._last_log > 60):
             self._last_log = time.monotonic()
-            log.warning("rank %d epoch %d: %d corrupt samples skipped, %d shard read errors so "
-                        "far", self.rank, self.epoch, s["corrupt_samples"], s["shard_errors"])
+            log.warning("rank %d epoch %d: %d corrupt samples skipped, %d shard read errors, %d "
+                        "images of another size resized so far", self.rank, self.epoch,
+                        s["corrupt_samples"], s["shard_errors"], s["resized_samples"])
 
     def _end_epoch(self):
         self._maybe_log(force=True)
@@ -823,8 +834,10 @@ def _per_worker(batches: int, num_workers: int) -> List[int]:
     return [len(range(*split_span(batches, w, num_workers))) for w in range(num_workers)]
 
 
-_COUNTERS = ("corrupt", "shard_errors")  # a worker's counters in state["worker_stats"]
-_TOTALS = ("corrupt_samples", "shard_errors")  # state["stats_before"], ShardLoader.stats
+# A worker's counters as its batches report them (state["worker_stats"]), and the same counts
+# as StreamStats fields, state["stats_before"] and ShardLoader.stats name them.
+_COUNTERS = ("corrupt", "shard_errors", "resized")
+_TOTALS = ("corrupt_samples", "shard_errors", "resized_samples")
 
 
 def _check_state(state, num_samples: int, layout: dict):

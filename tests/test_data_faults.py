@@ -521,3 +521,29 @@ def test_16_bit_png_decodes_and_resized_images_are_counted(tmp_path, caplog):
             assert loader.state_dict()["stats_before"]["resized_samples"] == 1
     assert "a 24x24 image, resized to 16x16" in caplog.text
     assert "1 images of another size resized" in caplog.text
+
+
+# -- RecordIO: an .idx that does not index every record -------------------------------------------
+def test_recordio_idx_cut_short_or_missing_lines_is_refused(tmp_path):
+    """Bug caught: a train.idx cut at a line boundary (20 of 40 lines, an interrupted copy)
+    parsed cleanly and converted 20 of 40 records with rc 0. Now the record that starts last
+    must end where the .rec ends, and every record where the next indexed one starts (checked
+    as it is read); both files are named. An empty .idx is named too."""
+    from hybrid_fc.data import SourceError
+    from test_data_convert import _ir_pack, _write_recordio
+    d = tmp_path / "rec"
+    _write_recordio(d, [(k, _ir_pack(k % 3, _jpeg(k))) for k in range(40)])
+    lines = sorted((d / "train.idx").read_text().splitlines(), key=lambda ln: int(ln.split()[0]))
+    (d / "train.idx").write_text("\n".join(lines[:20]) + "\n")
+    with pytest.raises(SourceError, match=r"rec/train\.idx does not index every record: .*rec/"
+                                          r"train\.rec: record key 19 at offset \d+: the record "
+                                          r"ends at byte \d+, but .* is at byte \d+"):
+        convert(str(d), str(tmp_path / "o1"))
+    (d / "train.idx").write_text("\n".join(lines[:10] + lines[11:]) + "\n")  # key 10 lost
+    with pytest.raises(SourceError, match=r"train\.idx does not index every record: .*record "
+                                          r"key 9 at offset"):
+        convert(str(d), str(tmp_path / "o2"), samples_per_shard=8)
+    assert not os.path.exists(tmp_path / "o2" / "manifest.json")
+    (d / "train.idx").write_text("")
+    with pytest.raises(SourceError, match=r"train\.idx has no `key<TAB>offset` lines"):
+        convert(str(d), str(tmp_path / "o3"))

@@ -8,6 +8,7 @@ tiny fixtures written here. tests/README.md ("Data path") lists the probes and t
 """
 import json
 import os
+import re
 import resource
 import select
 import socket
@@ -547,3 +548,88 @@ def test_recordio_idx_cut_short_or_missing_lines_is_refused(tmp_path):
     (d / "train.idx").write_text("")
     with pytest.raises(SourceError, match=r"train\.idx has no `key<TAB>offset` lines"):
         convert(str(d), str(tmp_path / "o3"))
+
+
+# -- extract.py: nothing dropped or repeated without an error ------------------------------------
+def _extract_shards(d, shards):
+    """shards: {name: [(key, members dict)]} -> tar shards + manifest (counts = samples)."""
+    os.makedirs(d, exist_ok=True)
+    for name, samples in shards.items():
+        _write_tar(os.path.join(d, name), [(key, ext, data) for key, members in samples
+                                           for ext, data in members.items()])
+    entries = [{"url": name, "count": len(samples)} for name, samples in shards.items()]
+    with open(os.path.join(d, "manifest.json"), "w") as f:
+        json.dump({"num_samples": sum(e["count"] for e in entries), "num_classes": 4,
+                   "shards": entries}, f)
+    return d
+
+
+def _sample(i, **members):
+    return f"k{i:03d}", {"jpg": _jpeg(i), "cls": str(i % 4).encode(), **members}
+
+
+def _extract_and_report(rank, world_size, source, out):
+    from test_export import SIZE, _tiny_model
+    from hybrid_fc.evaluation.extract import extract_embeddings
+    try:
+        return extract_embeddings(_tiny_model(), source, out, SIZE, batch_size=4)
+    except Exception as exc:  # noqa: BLE001 - the test compares what each rank raised
+        return type(exc).__name__, str(exc)
+
+
+def test_extract_refuses_a_key_two_shards_share_on_two_ranks(tmp_path):
+    """Shard s0 (rank 0) and s2 (rank 1) hold the same key. Bug caught: rc 0 with the key's row
+    twice; now rank 0 names the key and both shards, rank 1 stops with RankFailed naming it,
+    and neither leaves a part file or an output behind."""
+    from harness import run_ranks
+    src = _extract_shards(str(tmp_path / "dup"), {
+        "s0.tar": [_sample(i) for i in range(3)], "s1.tar": [_sample(i) for i in range(3, 6)],
+        "s2.tar": [_sample(1), _sample(7)], "s3.tar": [_sample(8)]})
+    out = str(tmp_path / "emb" / "emb.npy")
+    r0, r1 = run_ranks(2, _extract_and_report, src, out, timeout=120)
+    assert r0[0] == "ShardError" and re.search(r"key k001 appears twice, in shard .*dup/s0\.tar "
+                                               r"and in shard .*dup/s2\.tar", r0[1]), r0
+    assert r1 == ("RankFailed", f"rank 0 failed: ShardError: {r0[1]}")
+    assert os.listdir(tmp_path / "emb") == []
+
+
+@pytest.mark.parametrize("samples, message", [
+    ({"s0.tar": [_sample(0), _sample(1), _sample(1)]},
+     r"s0\.tar: key k001 has two \.jpg members \(two samples merged under one key\)"),
+    ({"s0.tar": [_sample(0), _sample(1), _sample(2)], "s1.tar": [_sample(3), _sample(0)]},
+     r"key k000 appears twice, in shard .*s0\.tar and in shard .*s1\.tar"),
+    ({"s0.tar": [_sample(0), ("k001", {"cls": b"1"}), _sample(2)]},
+     r"s0\.tar: sample k001 has 0 image members \(members: \['cls'\]\)"),
+    ({"s0.tar": [_sample(0), _sample(1, cls=b"one")]},
+     r"s0\.tar: sample k001: label b'one' is not an integer"),
+], ids=["merged-key", "key-in-two-shards", "no-image", "bad-label"])
+def test_extract_refuses_samples_that_would_drop_or_repeat_rows(tmp_path, samples, message):
+    """Bugs caught: two samples under one key merged into one row (the second image kept), a
+    key in two shards gave two rows, a sample without an image was dropped, a bad label was a
+    ValueError without the shard; each with rc 0 or no name."""
+    src = _extract_shards(str(tmp_path / "src"), samples)
+    out = str(tmp_path / "emb.npy")
+    kind, text = _extract_and_report(0, 1, src, out)
+    assert kind == "ShardError" and re.search(message, text), text
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_extract_checks_each_shard_against_its_manifest_count(tmp_path):
+    """Bug caught: a shard shorter than its manifest count gave fewer rows with rc 0."""
+    src = _extract_shards(str(tmp_path / "src"), {"s0.tar": [_sample(i) for i in range(4)],
+                                                   "s1.tar": [_sample(i) for i in range(4, 8)]})
+    m = json.load(open(os.path.join(src, "manifest.json")))
+    m["shards"][1]["count"], m["num_samples"] = 5, 9
+    json.dump(m, open(os.path.join(src, "manifest.json"), "w"))
+    kind, text = _extract_and_report(0, 1, src, str(tmp_path / "emb.npy"))
+    assert kind == "ShardError" and "s1.tar holds 4 samples but the manifest says 5" in text
+
+
+def test_extract_script_names_a_missing_image_folder(tmp_path):
+    """Issue 19 item 13. Bug caught: `extract.py --images missing_folder` said "no manifest"
+    (after reading the checkpoint), not that the folder does not exist."""
+    (result,) = _scripts(([os.path.join(ROOT, "launch", "extract.py"), "--checkpoint",
+                           str(tmp_path / "run"), "--images", str(tmp_path / "gallery"), "--out",
+                           str(tmp_path / "emb.npy")], None, None),)
+    _one_error_line(result, f"FileNotFoundError: {tmp_path / 'gallery'} does not exist "
+                            "(expected an image folder, or shards")

@@ -112,8 +112,9 @@ def open_read(url: str, timeout: float = 16.0):
 
 
 class OutputError(RuntimeError):
-    """The converter's output cannot be created, listed, read or written; the message names the
-    file and what to check (free space, permissions, the bucket and credentials)."""
+    """An output (a conversion's, an extraction's) cannot be created, listed, read or written;
+    the message names the file and what to check (free space, permissions, the bucket and
+    credentials)."""
 
 
 # errno values of a write that failed for want of space: a full disk, a file size limit

@@ -633,3 +633,40 @@ def test_extract_script_names_a_missing_image_folder(tmp_path):
                            str(tmp_path / "emb.npy")], None, None),)
     _one_error_line(result, f"FileNotFoundError: {tmp_path / 'gallery'} does not exist "
                             "(expected an image folder, or shards")
+
+
+# -- tests that would not notice (bugs planted by hand, one at a time) ---------------------------
+def test_shuffle_buffer_is_reseeded_every_epoch(tmp_path):
+    """One shard, so that the shard order cannot differ between epochs: only the shuffle
+    buffer's seed can. Two epochs differ, each is reproduced by a fresh loader started at that
+    epoch, and without a buffer both are the archive order. Bug caught (planted: the epoch left
+    out of the buffer's seed): every epoch in the same order; test_order_is_seeded stayed green
+    because its five shards are permuted per epoch anyway."""
+    from test_data_ranks import _write_shards
+    d = _write_shards(str(tmp_path), 1, 16)  # sample i has label i
+
+    def labels(loader):
+        return [v for _, y in loader for v in y.tolist()]
+    kw = dict(rank=0, world_size=1, num_workers=0, seed=3)
+    loader = make_loader(d, 4, shuffle_buffer=16, **kw)
+    first, second = labels(loader), labels(loader)
+    assert len(first) == len(second) == 16 and first != second
+    assert labels(make_loader(d, 4, shuffle_buffer=16, epoch=1, **kw)) == second
+    plain = make_loader(d, 4, shuffle_buffer=0, **kw)
+    assert labels(plain) == labels(plain) == list(range(16))
+
+
+def test_samples_per_epoch_with_and_without_a_manifest(tmp_path):
+    """On a local manifest (30 samples): samples_per_epoch=12 makes epochs of 12 samples; a
+    brace pattern (no manifest) without it is refused, naming the setting. Bugs caught
+    (planted: samples_per_epoch ignored when a manifest gives a count; the refusal removed with
+    a default of one shard's worth): only an S3 test noticed the first, by accident."""
+    manifest = _handmade_shards(str(tmp_path), n_shards=3, per=10)
+    loader = make_loader(manifest, 4, rank=0, world_size=1, num_workers=0,
+                         samples_per_epoch=12)
+    assert len(loader) == 3 and len(_epoch(loader)) == 3 and loader.num_samples == 12
+    pattern = str(tmp_path / "s{0..2}.tar")
+    with pytest.raises(ValueError, match=r"samples_per_epoch: the epoch length is unknown.*"
+                                         r"data\.samples_per_epoch=N"):
+        make_loader(pattern, 4, rank=0, world_size=1)
+    assert len(make_loader(pattern, 4, rank=0, world_size=1, samples_per_epoch=30)) == 7

@@ -158,7 +158,8 @@ def test_make_shards_to_s3_without_bucket_or_credentials(s3_server, tmp_path):
     missing, anonymous = _scripts((argv, None, None), (argv, nobody, None))
     for result, cause in ((missing, "bucket does not exist"), (anonymous, "NoCredentialsError")):
         _one_error_line(result, "OutputError: cannot ", "s3://no-such-bucket/ds", cause,
-                        f"endpoint {s3_server}", "bucket 'no-such-bucket' exists")
+                        f"endpoint {s3_server}", "bucket 'no-such-bucket' exists",
+                        "credentials")
 
 
 # -- manifests: names are never commands or paths, every field is checked -------------------------
@@ -670,3 +671,30 @@ def test_samples_per_epoch_with_and_without_a_manifest(tmp_path):
                                          r"data\.samples_per_epoch=N"):
         make_loader(pattern, 4, rank=0, world_size=1)
     assert len(make_loader(pattern, 4, rank=0, world_size=1, samples_per_epoch=30)) == 7
+
+
+# -- hostile shards: a folder, zero bytes, keys that are no text ----------------------------------
+def test_a_shard_that_is_a_folder_or_empty_is_named(tmp_path):
+    """Bug caught: a shard that is a folder was reported as not existing; an empty shard file is
+    named by the pre-flight check ('read 0 bytes')."""
+    manifest = _handmade_shards(str(tmp_path / "folder"), n_shards=2, per=4)
+    os.remove(tmp_path / "folder" / "s1.tar")
+    os.mkdir(tmp_path / "folder" / "s1.tar")
+    with pytest.raises(ShardError, match=r"1 of 2 shards do not exist or are not files \(a "
+                                         r"folder\?\), e\.g\. \['.*folder/s1\.tar'\]"):
+        make_loader(manifest, 2, rank=0, world_size=1)
+    manifest = _handmade_shards(str(tmp_path / "empty"), n_shards=2, per=4)
+    open(tmp_path / "empty" / "s1.tar", "wb").close()
+    with pytest.raises(ShardError, match=r"1 of 2 checked shards cannot be read:\n  .*empty/s1\.tar"
+                                         r": read 0 bytes"):
+        make_loader(manifest, 2, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("key", ["k\udcff1", "k\n1", "k\t1"], ids=["not-utf8", "newline", "tab"])
+def test_extract_refuses_keys_that_are_no_line_of_text(tmp_path, key):
+    """Bug caught: a key that is not UTF-8 text gave a UnicodeEncodeError naming nothing (and a
+    key with a newline a ValueError without the shard)."""
+    src = _extract_shards(str(tmp_path / "src"), {"s0.tar": [_sample(0), (key, _sample(1)[1])]})
+    kind, text = _extract_and_report(0, 1, src, str(tmp_path / "emb.npy"))
+    assert kind == "ValueError" and re.search(r"src/s0\.tar: key .* cannot be a line of the keys "
+                                              r"file", text), (kind, text)

@@ -268,7 +268,8 @@ def check_shards(urls: Sequence[str], *, timeout: float = 10.0, max_remote: int 
     local = [u for u in urls if not is_remote(u) and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.isfile(u.replace("file://", ""))]
     if missing:
-        raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+        raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist or are not files "
+                         f"(a folder?), e.g. {missing[:3]}")
     rest = list(urls)
     picks = [rest[0], rest[-1]] + random.Random(seed).sample(rest, min(len(rest), max_remote))
     picks = list(dict.fromkeys(picks))[:max_remote]

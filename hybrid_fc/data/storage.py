@@ -170,8 +170,9 @@ class OutputDir:
             return f"{msg} (out of space on {self.staging}: {free}, or a file size limit)"
         if self.remote:
             bucket = self.url.split("://", 1)[1].split("/", 1)[0]
-            return (f"{msg} ({endpoint_of(self.url)}: check that bucket {bucket!r} exists and "
-                    "that this machine's credentials (AWS_* variables, ~/.aws) may write to it)")
+            return (f"{msg} ({endpoint_of(self.url)}: check that it answers, that bucket "
+                    f"{bucket!r} exists and that this machine's credentials (AWS_* variables, "
+                    "~/.aws) may write to it)")
         return f"{msg} (the output must be a folder this user can write to)"
 
     @property

@@ -233,9 +233,11 @@ def _embed_block(model, source, part: str, rank: int, world: int, image_size: in
                                    where=f"{source}: the batch from key {batch[0][0]}")
             emb, _ = embed_images(model, images, batch_size, flip)
             fe.write(emb.cpu().numpy().astype(np.float32).tobytes())
-            for key, _, _, _ in batch:
-                if "\n" in key:
-                    raise ValueError(f"sample key {key!r} contains a newline")
+            for key, _, _, shard in batch:
+                if not key.isprintable():  # a newline, a control character, non-UTF-8 bytes
+                    raise ValueError(f"{shard or source}: key {key!r} cannot be a line of the "
+                                     "keys file (a newline, a control character, or a name "
+                                     "that is not UTF-8)")
                 fk.write(key + "\n")
             fl.write(np.asarray([l for _, _, l, _ in batch], np.int64).tobytes())
             count, dim = count + len(batch), emb.shape[1]

@@ -22,8 +22,9 @@ from .synthetic import (SyntheticSource, encode_jpeg, make_synthetic, synthetic_
                         synthetic_pairs)
 
 __all__ = ["stable_seed", "augment", "available_decoders", "make_decoder", "LoaderError",
-           "Manifest", "ShardError", "ShardLoader", "check_shards", "load_manifest", "make_loader", "IRHeader",
-           "RecordIOError", "RecordIOFile", "unpack_record", "ConvertPlan", "convert",
-           "parse_size", "FolderSource", "ListSource", "RecordIOSource", "SourceError",
-           "open_source", "register_s3_handler", "SyntheticSource", "encode_jpeg",
-           "make_synthetic", "synthetic_image", "synthetic_pairs"]
+           "Manifest", "ShardError", "ShardLoader", "check_shards", "load_manifest",
+           "make_loader", "IRHeader", "RecordIOError", "RecordIOFile", "unpack_record",
+           "ConvertPlan", "convert", "parse_size", "FolderSource", "ListSource",
+           "RecordIOSource", "SourceError", "open_source", "register_s3_handler",
+           "SyntheticSource", "encode_jpeg", "make_synthetic", "synthetic_image",
+           "synthetic_pairs"]

@@ -26,8 +26,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["RecordIOError", "UnindexedRecords", "IRHeader", "RecordIOFile", "unpack_record", "read_index",
-           "RECORDIO_MAGIC"]
+__all__ = ["RecordIOError", "UnindexedRecords", "IRHeader", "RecordIOFile", "unpack_record",
+           "read_index", "RECORDIO_MAGIC"]
 
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
@@ -155,8 +155,8 @@ class RecordIOFile:
                 raise RecordIOError(f"{where}: file ends inside a record header")
             magic, lrec = struct.unpack("<II", head)
             if magic != RECORDIO_MAGIC:
-                raise RecordIOError(f"{where}: magic 0x{magic:08x}, expected 0x{RECORDIO_MAGIC:08x} "
-                                    f"(does the .idx belong to this .rec?)")
+                raise RecordIOError(f"{where}: magic 0x{magic:08x}, expected "
+                                    f"0x{RECORDIO_MAGIC:08x} (does the .idx belong to this .rec?)")
             cflag, length = lrec >> 29, lrec & _LEN_MASK
             if cflag not in (0, 1, 2, 3) or (not parts and cflag in (2, 3)):
                 raise RecordIOError(f"{where}: continuation flag {cflag} out of sequence")

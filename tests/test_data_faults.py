@@ -335,32 +335,25 @@ class _StallingProxy:
             sock.close()
 
 
-def _fresh_s3fs():
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()  # clients remember the endpoint they were made for
-
-
 def test_stalling_s3_server_ends_within_retry_s(s3_server, data_tiny_shards, monkeypatch):
     """A server that stops answering mid-epoch: with data.retry_s=3 a ShardError names the shard
     and the endpoint within 3 + 5 s; at start, the manifest read gives up within the check
     timeout. Bug caught: fixed 20 s read timeouts, twice per attempt (HEAD, GET), made it 82 s
     with retry_s=3 and 90 s with the default 20 s, whatever data.retry_s said."""
     from test_data_s3 import _upload
+    from test_faults import _fresh_s3fs
     _upload(s3_server, "faces", "stall", data_tiny_shards)
     proxy = _StallingProxy(s3_server)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     _fresh_s3fs()
     try:
-        loader = make_loader("s3://faces/stall/", 4, rank=0, world_size=1, num_workers=0,
-                             shuffle_buffer=0, retry_s=3)
-        batches = iter(loader)
-        next(batches)
-        proxy.stall()
-        t = time.monotonic()
         with pytest.raises(ShardError, match=rf"shard s3://faces/stall/shard-\d+\.tar cannot be "
                                              rf"read from endpoint {proxy.endpoint}: .*Timeout"):
-            for _ in batches:
-                pass
+            for step, _ in enumerate(make_loader("s3://faces/stall/", 4, rank=0, world_size=1,
+                                                 num_workers=0, shuffle_buffer=0, retry_s=3)):
+                if step == 0:  # the server hangs after the first batch
+                    proxy.stall()
+                    t = time.monotonic()
         assert time.monotonic() - t < 3 + 5
         t = time.monotonic()
         with pytest.raises(ShardError, match=r"cannot read s3://faces/stall/manifest\.json from "

@@ -13,12 +13,16 @@ Guarantees
   shuffle_buffer, the URL list); it does not depend on timing.
 * `state_dict()` records the epoch, the batches handed out, and how many raw samples each worker
   stream consumed; a loader restored from it continues the epoch where it stopped (the
-  skipped part is read again but not decoded: cost ~ I/O only).
-* Corrupt samples (undecodable image, bad label) are skipped and counted; a shard that fails
-  mid-way (truncated tar, dropped connection) is counted and the stream moves on. Counts are in
-  `loader.stats` and logged. A missing shard, or a run of shards that all fail, raises ShardError.
-* `check_shards` (run by make_loader on every rank) opens shards before training, so a wrong
-  path, endpoint or credential is an error within seconds, not an endless retry loop.
+  skipped part is read again but not decoded: cost ~ I/O only). `load_state_dict` checks every
+  field first.
+* Corrupt samples (undecodable image, bad label) are skipped and counted, images of another
+  size are resized and counted; a shard that fails mid-way (truncated tar, dropped connection)
+  is counted and the stream moves on. Counts are in `loader.stats` and logged. A missing shard,
+  or a run of shards that all fail, raises ShardError; a worker process that dies, LoaderError.
+* A manifest's shard entries are file names beside it, never commands, paths or URLs
+  (`load_manifest`); `check_shards` (run by make_loader on every rank) opens shards before
+  training, so a wrong path, endpoint or credential is an error within seconds, not an endless
+  retry loop; a remote store that stops answering is an error within about data.retry_s.
 """
 import itertools
 import json

@@ -116,50 +116,88 @@ def _fsize_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, resource.RLIM_INFINITY))
 
 
-def test_converter_scripts_end_in_one_line(tmp_path):
-    """make_shards.py with a full disk (one worker and two) and a damaged plan,
-    make_synthetic.py with a bad argument: exit status 1, one line naming the file or field,
-    no traceback, no temp file left. Bug caught: each was a traceback (EFBIG from a pool worker:
-    a _RemoteTraceback of 30 lines), and input errors exited with status 2 through a path of
-    their own instead of run_script's."""
+def _big_images(tmp_path):
+    """16 images of ~5 KB: a shard of 8 outgrows the 32 KB file size limit of _fsize_limit."""
     src = _image_folder(tmp_path / "faces", n=16)
-    for i in range(16):  # ~5 KB each: a shard of 8 outgrows the 32 KB limit
+    for i in range(16):
         (src / f"id{i % 2}" / f"{i}.jpg").write_bytes(_jpeg(i, size=96))
-    damaged = tmp_path / "damaged"
-    (damaged / "_convert").mkdir(parents=True)
-    (damaged / "_convert" / "plan.json").write_text("{bad")
-    shards = [os.path.join(ROOT, "data", "make_shards.py"), str(src)]
-    runs = _scripts(
-        (shards + ["--out", str(tmp_path / "full1"), "--samples-per-shard", "8"], None,
-         _fsize_limit),
-        (shards + ["--out", str(tmp_path / "full2"), "--samples-per-shard", "8", "--workers",
-                   "2"], None, _fsize_limit),
-        (shards + ["--out", str(damaged)], None, None),
-        ([os.path.join(ROOT, "data", "make_synthetic.py"), "--out", str(tmp_path / "syn"),
-          "--identities", "0", "--images-per-id", "2"], None, None))
-    for k in (0, 1):
-        line = _one_error_line(runs[k], f"full{k + 1}/shard-0000", "File too large",
-                               "GB free, or a file size limit")
-        assert "OutputError: cannot write" in line
-        assert not [n for n in os.listdir(tmp_path / f"full{k + 1}") if ".tmp." in n]
-    _one_error_line(runs[2], "damaged/_convert/plan.json is damaged (not JSON")
-    _one_error_line(runs[3], "identities must be >= 1, got 0")
+    return src
 
 
-def test_make_shards_to_s3_without_bucket_or_credentials(s3_server, tmp_path):
-    """Issue 19 item 10. Bug caught: `--out s3://...` with a bucket that does not exist, or
-    without credentials, ended in 50-69 lines of botocore traceback that named neither the
-    bucket nor the endpoint."""
+def test_converter_full_disk_is_named_and_leaves_nothing(tmp_path):
+    """convert() with one writer in a forked child whose writes past 32 KB fail (EFBIG): an
+    OutputError naming the shard and the free space, no temp file left. Bug caught: a bare
+    OSError ('File too large') naming no file, through a traceback."""
+    import multiprocessing
+    src = _big_images(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child():
+        _fsize_limit()
+        try:
+            convert(str(src), str(tmp_path / "full"), samples_per_shard=8)
+            send.send(None)
+        except Exception as exc:  # noqa: BLE001 - sent to the test
+            send.send((type(exc).__name__, str(exc)))
+    proc = ctx.Process(target=child)
+    proc.start()
+    kind, text = receive.recv()
+    proc.join()
+    assert kind == "OutputError" and re.search(r"cannot write .*full/shard-00000\d\.tar: OSError: "
+                                               r".*File too large.*GB free", text), text
+    assert not [n for n in os.listdir(tmp_path / "full") if ".tmp." in n]
+
+
+def test_converter_to_s3_without_credentials_names_bucket_and_endpoint(s3_server, tmp_path,
+                                                                        monkeypatch):
+    """Issue 19 item 10 (with the script run in test_scripts_end_in_one_line). Bug caught:
+    botocore's NoCredentialsError through ~69 lines of traceback, naming neither the bucket nor
+    the endpoint."""
+    from test_faults import _fresh_s3fs
     src = str(_image_folder(tmp_path / "faces"))
-    argv = [os.path.join(ROOT, "data", "make_shards.py"), src, "--out", "s3://no-such-bucket/ds"]
-    nobody = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
-              "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-              "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
-    missing, anonymous = _scripts((argv, None, None), (argv, nobody, None))
-    for result, cause in ((missing, "bucket does not exist"), (anonymous, "NoCredentialsError")):
-        _one_error_line(result, "OutputError: cannot ", "s3://no-such-bucket/ds", cause,
-                        f"endpoint {s3_server}", "bucket 'no-such-bucket' exists",
-                        "credentials")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _fresh_s3fs()
+    try:
+        with pytest.raises(OutputError, match=rf"s3://no-such-bucket/ds.*NoCredentialsError.*"
+                                              rf"endpoint {s3_server}: .*bucket 'no-such-bucket' "
+                                              r"exists .*credentials"):
+            convert(src, "s3://no-such-bucket/ds")
+    finally:
+        _fresh_s3fs()
+
+
+def test_scripts_end_in_one_line(s3_server, tmp_path):
+    """The real scripts, at once: make_shards.py with a full disk and two writer processes,
+    make_shards.py --out s3:// with a bucket that does not exist (issue 19 item 10),
+    make_synthetic.py with a bad argument, extract.py --images with a folder that does not exist
+    (issue 19 item 13). Each: exit status 1, one line naming the file, bucket or field, no
+    traceback. Bugs caught: a 30-line _RemoteTraceback for EFBIG in a pool worker; 50 lines of
+    botocore naming no bucket; input errors through a path of their own with status 2;
+    extract.py reading the checkpoint first and then saying "no manifest"."""
+    src = _big_images(tmp_path)
+    shards = [os.path.join(ROOT, "data", "make_shards.py"), str(src), "--out"]
+    full, bucket, synthetic, extract = _scripts(
+        (shards + [str(tmp_path / "full"), "--samples-per-shard", "8", "--workers", "2"], None,
+         _fsize_limit),
+        (shards + ["s3://no-such-bucket/ds"], None, None),
+        ([os.path.join(ROOT, "data", "make_synthetic.py"), "--out", str(tmp_path / "syn"),
+          "--identities", "0", "--images-per-id", "2"], None, None),
+        ([os.path.join(ROOT, "launch", "extract.py"), "--checkpoint", str(tmp_path / "run"),
+          "--images", str(tmp_path / "gallery"), "--out", str(tmp_path / "emb.npy")], None, None))
+    _one_error_line(full, "OutputError: cannot write", "full/shard-0000", "File too large",
+                    "GB free, or a file size limit")
+    assert not [n for n in os.listdir(tmp_path / "full") if ".tmp." in n]
+    _one_error_line(bucket, "OutputError: cannot ", "s3://no-such-bucket/ds",
+                    "bucket does not exist", f"endpoint {s3_server}",
+                    "bucket 'no-such-bucket' exists")
+    _one_error_line(synthetic, "identities must be >= 1, got 0")
+    _one_error_line(extract, f"FileNotFoundError: {tmp_path / 'gallery'} does not exist "
+                             "(expected an image folder, or shards")
 
 
 # -- manifests: names are never commands or paths, every field is checked -------------------------
@@ -617,16 +655,6 @@ def test_extract_checks_each_shard_against_its_manifest_count(tmp_path):
     json.dump(m, open(os.path.join(src, "manifest.json"), "w"))
     kind, text = _extract_and_report(0, 1, src, str(tmp_path / "emb.npy"))
     assert kind == "ShardError" and "s1.tar holds 4 samples but the manifest says 5" in text
-
-
-def test_extract_script_names_a_missing_image_folder(tmp_path):
-    """Issue 19 item 13. Bug caught: `extract.py --images missing_folder` said "no manifest"
-    (after reading the checkpoint), not that the folder does not exist."""
-    (result,) = _scripts(([os.path.join(ROOT, "launch", "extract.py"), "--checkpoint",
-                           str(tmp_path / "run"), "--images", str(tmp_path / "gallery"), "--out",
-                           str(tmp_path / "emb.npy")], None, None),)
-    _one_error_line(result, f"FileNotFoundError: {tmp_path / 'gallery'} does not exist "
-                            "(expected an image folder, or shards")
 
 
 # -- tests that would not notice (bugs planted by hand, one at a time) ---------------------------

@@ -14,6 +14,7 @@ import sys
 
 from hybrid_fc.data import convert
 from hybrid_fc.data.shards import run_cli
+from hybrid_fc.runtime import run_script
 
 
 def main(argv=None):
@@ -31,12 +32,14 @@ def main(argv=None):
                    help="keep the source order in the shards (not recommended for training)")
     p.add_argument("--staging-dir", default=None,
                    help="local directory for shards before upload (s3:// output only)")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    return run_cli("make_shards", args.out, lambda: convert(
+    return run_cli(args.out, lambda progress: convert(
         args.source, args.out, shard_size=args.shard_size,
         samples_per_shard=args.samples_per_shard, workers=args.workers,
-        shuffle_seed=None if args.no_shuffle else args.seed, staging_dir=args.staging_dir))
+        shuffle_seed=None if args.no_shuffle else args.seed, staging_dir=args.staging_dir,
+        progress=progress))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))  # an input error: one line naming it, exit status 1

@@ -10,6 +10,7 @@ import sys
 
 from hybrid_fc.data import make_synthetic
 from hybrid_fc.data.shards import run_cli
+from hybrid_fc.runtime import run_script
 
 
 def main(argv=None):
@@ -28,12 +29,14 @@ def main(argv=None):
     p.add_argument("--shard-size", default="256MB")
     p.add_argument("--samples-per-shard", type=int, default=None)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    return run_cli("make_synthetic", args.out, lambda: make_synthetic(
+    return run_cli(args.out, lambda progress: make_synthetic(
         args.out, args.identities, args.images_per_id, size=args.size, seed=args.seed,
-        quality=args.quality, noise=args.noise, distinct=args.distinct, workers=args.workers, samples_per_shard=args.samples_per_shard,
-        shard_size=args.shard_size))
+        quality=args.quality, noise=args.noise, distinct=args.distinct, workers=args.workers,
+        samples_per_shard=args.samples_per_shard, shard_size=args.shard_size,
+        progress=progress))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))  # an input error: one line naming it, exit status 1

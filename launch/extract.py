@@ -22,13 +22,15 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output .npy")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     from hybrid_fc.evaluation.export import load_for_inference, model_overrides
-    from hybrid_fc.evaluation.extract import extract_embeddings
+    from hybrid_fc.evaluation.extract import check_source, extract_embeddings
+    check_source(args.images)  # before the checkpoint is read
     model, cfg = load_for_inference(args.checkpoint, args.tag, args.trust_checkpoint,
                                     **model_overrides(args))
     n = extract_embeddings(model, args.images, args.out, int(cfg["input_size"]),

@@ -156,8 +156,11 @@ def test_missing_and_unreachable_shards_fail_fast(tmp_path):
     with pytest.raises(ShardError, match="shards in a row could not be read"):
         _epoch(loader)
     assert time.time() - t < 30
-    with pytest.raises(ShardError, match="no manifest"):
+    with pytest.raises(ShardError, match="nowhere does not exist"):
         make_loader(str(tmp_path / "nowhere"), 2)
+    with pytest.raises(ShardError, match="no manifest at .*empty/manifest.json"):
+        (tmp_path / "empty").mkdir()
+        make_loader(str(tmp_path / "empty"), 2)
 
 
 def test_pipe_urls_stream(tmp_path):

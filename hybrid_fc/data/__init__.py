@@ -11,8 +11,8 @@ Importing this package has no side effects; the s3:// handler is registered by m
 """
 from .decode import augment, available_decoders, make_decoder
 from ..common import stable_seed
-from .loader import (Manifest, ShardError, ShardLoader, check_shards, load_manifest,
-                     make_loader)
+from .loader import (LoaderError, Manifest, ShardError, ShardLoader, check_shards,
+                     load_manifest, make_loader)
 from .recordio import IRHeader, RecordIOError, RecordIOFile, unpack_record
 from ..common import parse_size
 from .shards import ConvertPlan, convert
@@ -21,9 +21,10 @@ from .storage import register_s3_handler
 from .synthetic import (SyntheticSource, encode_jpeg, make_synthetic, synthetic_image,
                         synthetic_pairs)
 
-__all__ = ["stable_seed", "augment", "available_decoders", "make_decoder", "Manifest", "ShardError",
-           "ShardLoader", "check_shards", "load_manifest", "make_loader", "IRHeader",
-           "RecordIOError", "RecordIOFile", "unpack_record", "ConvertPlan", "convert",
-           "parse_size", "FolderSource", "ListSource", "RecordIOSource", "SourceError",
-           "open_source", "register_s3_handler", "SyntheticSource", "encode_jpeg",
-           "make_synthetic", "synthetic_image", "synthetic_pairs"]
+__all__ = ["stable_seed", "augment", "available_decoders", "make_decoder", "LoaderError",
+           "Manifest", "ShardError", "ShardLoader", "check_shards", "load_manifest",
+           "make_loader", "IRHeader", "RecordIOError", "RecordIOFile", "unpack_record",
+           "ConvertPlan", "convert", "parse_size", "FolderSource", "ListSource",
+           "RecordIOSource", "SourceError", "open_source", "register_s3_handler",
+           "SyntheticSource", "encode_jpeg", "make_synthetic", "synthetic_image",
+           "synthetic_pairs"]

@@ -29,6 +29,11 @@ def available_decoders():
 def _decode_pil(data: bytes) -> np.ndarray:
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:
+        if im.mode.startswith("I"):
+            # 16-bit grayscale PNG ("I;16", "I" in older PIL): convert("RGB") clips every
+            # value above 255 to white. Keep the top 8 bits, as PIL itself does for 16-bit RGB.
+            gray = (np.clip(np.asarray(im, np.int64), 0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
         return np.asarray(im.convert("RGB"))
 
 

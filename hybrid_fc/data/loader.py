@@ -13,18 +13,26 @@ Guarantees
   shuffle_buffer, the URL list); it does not depend on timing.
 * `state_dict()` records the epoch, the batches handed out, and how many raw samples each worker
   stream consumed; a loader restored from it continues the epoch where it stopped (the
-  skipped part is read again but not decoded: cost ~ I/O only).
-* Corrupt samples (undecodable image, bad label) are skipped and counted; a shard that fails
-  mid-way (truncated tar, dropped connection) is counted and the stream moves on. Counts are in
-  `loader.stats` and logged. A missing shard, or a run of shards that all fail, raises ShardError.
-* `check_shards` (run by make_loader on every rank) opens shards before training, so a wrong
-  path, endpoint or credential is an error within seconds, not an endless retry loop.
+  skipped part is read again but not decoded: cost ~ I/O only). `load_state_dict` checks every
+  field first.
+* Corrupt samples (undecodable image, bad label) are skipped and counted, images of another
+  size are resized and counted; a shard that fails mid-way (truncated tar, dropped connection)
+  is counted and the stream moves on. Counts are in `loader.stats` and logged. A missing shard,
+  or a run of shards that all fail, raises ShardError; a worker process that dies, LoaderError.
+* A manifest's shard entries are file names beside it, never commands, paths or URLs
+  (`load_manifest`); `check_shards` (run by make_loader on every rank) opens shards before
+  training, so a wrong path, endpoint or credential is an error within seconds, not an endless
+  retry loop; a remote store that stops answering is an error within about data.retry_s.
 """
 import itertools
 import json
 import logging
 import os
+import pickle
 import random
+import re
+import shlex
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,10 +46,10 @@ import webdataset as wds
 from ..common import split_span, stable_seed
 from .decode import fit_size, make_decoder
 from .tario import TarError, iter_tar
-from .storage import (endpoint_of, is_remote, join_url, open_read, read_manifest_text,
+from .storage import (endpoint_of, is_remote, join_url, open_read, read_bytes,
                       register_s3_handler)
 
-__all__ = ["ShardError", "Manifest", "load_manifest", "check_shards",
+__all__ = ["ShardError", "LoaderError", "Manifest", "load_manifest", "check_shards",
            "make_loader", "ShardLoader", "epoch_shards", "split_by_rank", "split_by_worker"]
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,10 @@ log = logging.getLogger(__name__)
 
 class ShardError(RuntimeError):
     """A shard that cannot be opened or read; the message names the URL(s)."""
+
+
+class LoaderError(RuntimeError):
+    """The loader cannot go on for a reason outside the data: a worker process died."""
 
 
 # --- manifest --------------------------------------------------------------------------------
@@ -62,92 +74,150 @@ class Manifest:
 
 
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# What a manifest may call a shard: one file name beside the manifest, in characters that no
+# shell, URL or path gives a meaning to. Not a path (`../x.tar`, `/etc/x.tar`: read from outside
+# the dataset, or from local disk under an s3:// manifest), not a URL, not a command.
+_PLAIN_SHARD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,250}(\.tar|\.tar\.gz|\.tgz)")
 
 
-def _scheme_and_place(url: str):
-    """('s3', 'bucket') for s3://bucket/key, ('', '') for a local path."""
-    if "://" not in url:
-        return "", ""
-    scheme, rest = url.split("://", 1)
-    return scheme.lower(), rest.split("/", 1)[0]
-
-
-def _shard_name(entry, murl: str) -> str:
-    """A manifest's shard entry as a name, never a command: relative to the manifest (or a
-    local path beside a local manifest, or a URL of the manifest's own scheme and bucket).
-    `pipe:` commands come only from the user's own command line or config (url_template, a
-    data.urls pattern), never from a file someone else may have written."""
+def _shard_name(entry, murl: str, i: int) -> str:
+    """Entry i of a manifest's shard list as a file name beside the manifest, or ShardError
+    naming the manifest, the entry and why. `pipe:` commands come only from the user's own
+    command line or config (url_template, a data.urls pattern), never from a file someone else
+    may have written."""
     url = entry.get("url") if isinstance(entry, dict) else None
+    where = f"{murl}: shards[{i}]"
     if not isinstance(url, str) or not url.strip():
-        raise ShardError(f"{murl}: a shard entry has no url name: {str(entry)[:100]!r}")
+        raise ShardError(f"{where} has no url name: {str(entry)[:100]!r}")
+    if _PLAIN_SHARD.fullmatch(url):
+        return url
+    odd = sorted({c for c in url if not (c.isascii() and (c.isalnum() or c in "._-/\\"))})
     if url.lstrip().startswith("pipe:"):
-        raise ShardError(f"{murl}: shard url {url[:80]!r} is a command; a manifest names its "
-                         "shards relative to itself. To read through a command, give it on your "
-                         "own command line (url_template, e.g. 'pipe:aws s3 cp {url} -')")
-    if "://" in url and _scheme_and_place(url) != _scheme_and_place(murl):
-        raise ShardError(f"{murl}: shard url {url[:80]!r} points outside the manifest's own "
-                         f"{_scheme_and_place(murl)[0] or 'local'} location; a manifest names "
-                         "its shards relative to itself")
-    return url
+        why = "is a command"
+    elif "://" in url:
+        scheme = murl.split("://", 1)[0].lower() if "://" in murl else "local"
+        why = f"points outside the manifest's own {scheme} location"
+    elif odd:
+        why = f"holds characters a shell or a URL gives a meaning to ({''.join(odd)!r})"
+    elif "/" in url or "\\" in url:
+        why = "is a path"
+    else:
+        why = "is not a plain shard file name"
+    raise ShardError(f"{where}: url {url[:80]!r} {why}; a manifest names each shard by its file "
+                     "name beside the manifest (letters, digits, '.', '_', '-', ending in "
+                     f"{', '.join(_SHARD_SUFFIXES)}), as data/make_shards.py writes it")
 
 
-def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str] = None
-                  ) -> Manifest:
+def _manifest_count(value, field: str, murl: str, minimum: int = 0) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    raise ShardError(f"{murl}: {field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _refuse_repeats(urls: Sequence[str], where: str):
+    """The same shard twice would be read twice per epoch (and a rank pair could hold the same
+    samples): refused, naming both entries."""
+    first = {}
+    for i, u in enumerate(urls):
+        j = first.setdefault(u, i)
+        if j != i:
+            raise ShardError(f"{where} {j} and {i} are the same shard {u!r}; list each shard "
+                             "once")
+
+
+def _parse_manifest(raw: bytes, murl: str) -> Manifest:
+    """A manifest's bytes -> Manifest, every field checked; ShardError names the manifest and
+    the field. num_classes may be absent (labels are then only checked to be >= 0)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(f"{murl} is not a JSON manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ShardError(f"{murl} holds a JSON {type(data).__name__}, not a manifest object "
+                         "with 'shards' and 'num_samples' (data/make_shards.py writes one)")
+    for k in ("shards", "num_samples"):
+        if k not in data:
+            raise ShardError(f"{murl}: manifest has no {k!r} field")
+    shards = data["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise ShardError(f"{murl}: 'shards' must be a non-empty list of {{\"url\", \"count\"}} "
+                         f"entries, got {str(shards)[:80]!r}")
+    names = [_shard_name(s, murl, i) for i, s in enumerate(shards)]
+    counts = [_manifest_count(s.get("count"), f"shards[{i}].count", murl)
+              for i, s in enumerate(shards)]
+    _refuse_repeats(names, f"{murl}: shards")
+    num_samples = _manifest_count(data["num_samples"], "num_samples", murl)
+    num_classes = data.get("num_classes")
+    if num_classes is not None:
+        num_classes = _manifest_count(num_classes, "num_classes", murl, 1)
+    if sum(counts) != num_samples:
+        raise ShardError(f"{murl}: num_samples is {num_samples} but its shards' counts "
+                         f"add up to {sum(counts)}; the manifest was edited or is from "
+                         "another conversion (make_shards writes it)")
+    base = murl.rsplit("/", 1)[0] if "/" in murl else "."
+    return Manifest([join_url(base, n) for n in names], num_samples, num_classes, counts)
+
+
+def _read_manifest(src: str, murl: str, timeout: float) -> Manifest:
+    """The manifest at murl (named by the user as `src`); ShardError when it cannot be read
+    (from a remote store: within about `timeout` seconds)."""
+    try:
+        raw = read_bytes(murl, timeout)
+    except FileNotFoundError:
+        folder = os.path.dirname(murl) or "."
+        if not is_remote(murl) and not os.path.isdir(folder):
+            raise ShardError(f"{src} does not exist (expected a folder or s3:// prefix holding "
+                             "manifest.json, a manifest.json, a shard or a brace pattern)"
+                             ) from None
+        raise ShardError(f"no manifest at {murl} (a single shard's name ends in "
+                         f"{' / '.join(_SHARD_SUFFIXES)})") from None
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a dead endpoint, bad credentials, EACCES
+        if not (is_remote(murl) or isinstance(e, OSError)):
+            raise
+        raise ShardError(f"cannot read {murl} from {endpoint_of(murl)}: "
+                         f"{type(e).__name__}: {e}") from None
+    return _parse_manifest(raw, murl)
+
+
+def load_manifest(source: Union[str, Sequence[str]], url_template: Optional[str] = None,
+                  timeout: float = 16.0) -> Manifest:
     """Shard URLs (+ sample and class counts when known) from:
     a manifest.json path/URL, a directory or s3:// prefix holding manifest.json, a brace pattern
-    (`dir/shard-{000000..000099}.tar`), or a list of URLs.
-    url_template: e.g. "pipe:aws s3 cp {url} -" rewrites every URL (reading through a command).
+    (`dir/shard-{000000..000099}.tar`), or a list of URLs. A shard listed twice is an error.
+    url_template: e.g. "pipe:aws s3 cp {url} -" rewrites every URL (reading through a command);
+    in a pipe: template each URL is shell-quoted, so a name is never more than one argument.
+    timeout: a remote manifest that does not arrive within about this many seconds is an error.
     """
     if isinstance(source, (list, tuple)):
+        if not all(isinstance(u, str) and u for u in source):
+            raise ShardError(f"a URL list must hold non-empty strings, got {list(source)[:5]!r}")
         m = Manifest(list(source))
+        _refuse_repeats(m.urls, "the URL list's entries")
     else:
         src = str(source)
         # A folder or prefix (with or without a trailing slash, local or s3://) holds a
         # manifest.json; a shard name, a brace pattern or a pipe: command is a shard list.
         shards = src.startswith("pipe:") or "{" in src or src.endswith(_SHARD_SUFFIXES)
         if src.endswith(".json"):
-            murl = src
+            m = _read_manifest(src, src, timeout)
         elif not shards:
-            murl = join_url(src, "manifest.json")
+            m = _read_manifest(src, join_url(src, "manifest.json"), timeout)
         else:
-            murl = None
-        if murl is None:
             m = Manifest(wds.shardlists.expand_urls(src))
-        else:
-            try:
-                data = json.loads(read_manifest_text(murl))
-            except FileNotFoundError:
-                raise ShardError(f"no manifest at {murl} (a single shard's name ends in "
-                                 f"{' / '.join(_SHARD_SUFFIXES)})") from None
-            except ImportError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a dead endpoint, bad credentials, EACCES
-                if not (is_remote(murl) or isinstance(e, OSError)):
-                    raise
-                raise ShardError(f"cannot read {murl} from {endpoint_of(murl)}: "
-                                 f"{type(e).__name__}: {e}") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ShardError(f"{murl} is not a JSON manifest: {e}") from None
-            for k in ("shards", "num_samples"):
-                if k not in data:
-                    raise ShardError(f"{murl}: manifest has no {k!r} field")
-            base = murl.rsplit("/", 1)[0] if "/" in murl else "."
-            try:
-                counts = [int(s["count"]) for s in data["shards"]]
-                num_samples = int(data["num_samples"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ShardError(f"{murl}: a shard entry or num_samples is not a count "
-                                 f"({type(e).__name__}: {e})") from None
-            if sum(counts) != num_samples:
-                raise ShardError(f"{murl}: num_samples is {num_samples} but its shards' counts "
-                                 f"add up to {sum(counts)}; the manifest was edited or is from "
-                                 "another conversion (make_shards writes it)")
-            m = Manifest([join_url(base, _shard_name(s, murl)) for s in data["shards"]],
-                         num_samples, data.get("num_classes"), counts)
+            _refuse_repeats(m.urls, f"{src}: its entries")
     if not m.urls:
         raise ShardError(f"no shard URLs in {source!r}")
     if url_template:
-        m.urls = [url_template.format(url=u) for u in m.urls]
+        if "{url}" not in url_template:
+            raise ValueError(f"url_template {url_template!r} has no {{url}} to fill in")
+        quote = shlex.quote if url_template.lstrip().startswith("pipe:") else str
+        try:
+            m.urls = [url_template.format(url=quote(u)) for u in m.urls]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"url_template {url_template!r}: {{url}} is its only field; write "
+                             f"other braces as {{{{ }}}} ({type(e).__name__}: {e})") from None
     return m
 
 
@@ -163,10 +233,10 @@ def _tar_header_ok(block: bytes) -> bool:
     return stored == sum(block[:148]) + 8 * 32 + sum(block[156:512])
 
 
-def _probe(url: str) -> Optional[str]:
+def _probe(url: str, timeout: float) -> Optional[str]:
     """None if `url` opens and starts with a valid tar header, else the reason."""
     try:
-        stream = open_read(url)
+        stream = open_read(url, timeout / 2)  # the HEAD and the GET each
     except Exception as e:  # noqa: BLE001 - reported with the URL
         return f"{type(e).__name__}: {e}"
     proc = getattr(stream, "proc", None)  # webdataset Pipe: the command behind a pipe: URL
@@ -202,14 +272,15 @@ def check_shards(urls: Sequence[str], *, timeout: float = 10.0, max_remote: int 
     local = [u for u in urls if not is_remote(u) and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.isfile(u.replace("file://", ""))]
     if missing:
-        raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+        raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist or are not files "
+                         f"(a folder?), e.g. {missing[:3]}")
     rest = list(urls)
     picks = [rest[0], rest[-1]] + random.Random(seed).sample(rest, min(len(rest), max_remote))
     picks = list(dict.fromkeys(picks))[:max_remote]
     results = {}
 
     def run(u):
-        results[u] = _probe(u)
+        results[u] = _probe(u, timeout)
 
     # daemon threads: a probe that hangs (unreachable endpoint) must not keep the process alive
     threads = [threading.Thread(target=run, args=(u,), daemon=True) for u in picks]
@@ -253,7 +324,13 @@ class StreamStats:
     """Samples taken out of the shuffle buffer (decoded or skipped)."""
     corrupt_samples: int = 0
     shard_errors: int = 0
+    resized_samples: int = 0
+    """Decoded images of another size than the batch's, resized (bilinear) to fit it."""
     errors: List[str] = field(default_factory=list)  # the first few messages, for the log
+
+    def counters(self) -> dict:
+        """What a worker reports with each batch (a state_dict's worker_stats entry)."""
+        return {c: getattr(self, t) for t, c in zip(_TOTALS, _COUNTERS)}
 
 
 def _note(stats: StreamStats, msg: str):
@@ -284,34 +361,53 @@ def group_samples(files: Iterator[Tuple[str, bytes]], url: str) -> Iterator[dict
         yield sample
 
 
+class _TimedReads:
+    """A remote shard stream that notes when its latest read() began. A read that fails after
+    waiting out its timeout began the outage, so data.retry_s counts from there, not from the
+    moment the timeout fired. Cost: one Python call per read (a tar reader makes ~4 a sample,
+    ~0.2 us each, next to ~40 us of S3 reading and decoding)."""
+
+    def __init__(self, stream):
+        self.stream, self.started = stream, time.monotonic()
+
+    def read(self, n: int = -1) -> bytes:
+        self.started = time.monotonic()
+        return self.stream.read(n)
+
+
 def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8,
                 counts: Optional[dict] = None, retry_s: float = 20.0) -> Iterator[dict]:
     """Open each URL and yield its samples as {"__key__", "__url__", ext: bytes}.
 
     A remote shard (s3://, http) whose connection fails is opened again with backoff, skipping
-    the samples it already gave, for up to `retry_s` seconds from its first failure; then
+    the samples it already gave, until `retry_s` seconds after the failing request began; then
     ShardError names the shard and the endpoint (a store that went away stops training within
-    the bound instead of spinning; one that comes back loses nothing). A shard whose data is
-    broken (truncated tar, any local read error, a pipe: command's failure) is counted and
-    skipped; `max_failures` of them in a row without a single sample raise ShardError. A
-    missing file raises at once. counts: {url: samples} from the manifest; a shard read to its
-    end with another number of samples raises ShardError (a manifest that lies about its counts
-    would silently stretch or shrink every epoch).
+    the bound instead of spinning; one that comes back loses nothing). The bound holds for a
+    server that stops answering too: each request's timeouts are cut from the time left (the
+    first attempt's from retry_s / 2, at least 1 s), so a stall ends within about retry_s + 1 s.
+    A shard whose data is broken (truncated tar, any local read error, a pipe: command's
+    failure) is counted and skipped; `max_failures` of them in a row without a single sample
+    raise ShardError. A missing file raises at once. counts: {url: samples} from the manifest;
+    a shard read to its end with another number of samples raises ShardError (a manifest that
+    lies about its counts would silently stretch or shrink every epoch).
     """
     failed_in_row = []
     for url in urls:
         n, error, first_failure, attempt = 0, None, None, 0
+        timeout = max(1.0, retry_s / 2)
         while True:
+            began = time.monotonic()
             try:
-                stream = open_read(url)
+                stream = open_read(url, timeout)
             except FileNotFoundError as e:
                 raise ShardError(f"shard {url} does not exist ({e})") from None
             except Exception as e:  # noqa: BLE001 - classified below
                 stream, error = None, e
             if stream is not None:
                 abandoned, given = False, n
+                timed = _TimedReads(stream) if _remote(url) else stream
                 try:
-                    samples = group_samples(iter_tar(stream), url)
+                    samples = group_samples(iter_tar(timed), url)
                     for sample in itertools.islice(samples, given, None):  # after a retry
                         n += 1
                         yield sample
@@ -319,23 +415,24 @@ def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8,
                     abandoned = True
                     raise
                 except Exception as e:  # noqa: BLE001 - truncated tar, read error, exit status
-                    error = e
+                    error, began = e, getattr(timed, "started", began)
                 finally:
                     error = _close(stream, abandoned) or error
             if error is None or not _transient(url, error):
                 break
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            left = retry_s - (now - first_failure)
+            first_failure = began if first_failure is None else first_failure
+            left = retry_s - (time.monotonic() - first_failure)
             if left <= 0:
                 raise ShardError(f"shard {url} cannot be read from {endpoint_of(url)}: "
                                  f"{type(error).__name__}: {error} (after {n} samples; still "
                                  f"failing after {attempt} retries in {retry_s:g} s, "
                                  "data.retry_s)") from None
-            wait = min(0.5 * 2 ** attempt, left)
+            wait = min(0.5 * 2 ** attempt, left / 2)
             _note(stats, f"shard {url}: {type(error).__name__}: {error} (after {n} samples); "
                          f"retrying in {wait:.1f} s")
             time.sleep(wait)
+            # the reopen's two requests (HEAD, first GET) fit in what is left
+            timeout = (left - wait) / 2
             attempt, error = attempt + 1, None
         expected = counts.get(url) if counts else None
         if error is None and expected is not None and n != expected:
@@ -355,11 +452,15 @@ def read_shards(urls: Iterator[str], stats: StreamStats, max_failures: int = 8,
             failed_in_row = []
 
 
+def _remote(url: str) -> bool:
+    """A URL of a remote store, whose connection failures are worth retrying."""
+    return url.startswith(("s3://", "http://", "https://", "gs://"))
+
+
 def _transient(url: str, error: Exception) -> bool:
     """A failure worth retrying: a remote store's connection or server error, not broken data
     (a tar that ends early or has a bad header fails the same way every time)."""
-    return (url.startswith(("s3://", "http://", "https://", "gs://"))
-            and not isinstance(error, (TarError, ShardError)))
+    return _remote(url) and not isinstance(error, (TarError, ShardError))
 
 
 def _close(stream, abandoned: bool) -> Optional[Exception]:
@@ -452,12 +553,17 @@ def decode_batches(samples: Iterator[dict], batch_size: int, stats: StreamStats,
             labels = _alloc((batch_size,), torch.int64)
             # numpy views: per-sample torch indexing costs ~10 us, a numpy store ~1 us
             images_np, labels_np = images.numpy(), labels.numpy()
-        images_np[i] = rgb if rgb.shape[:2] == image_size else fit_size(rgb, image_size)
+        if rgb.shape[:2] != image_size:
+            stats.resized_samples += 1
+            _note(stats, f"sample {s.get('__key__')} in {s.get('__url__')}: a "
+                         f"{rgb.shape[0]}x{rgb.shape[1]} image, resized to "
+                         f"{image_size[0]}x{image_size[1]}")
+            rgb = fit_size(rgb, image_size)
+        images_np[i] = rgb
         labels_np[i] = label
         i += 1
         if i == batch_size:
-            info = {"worker": worker, "raw": stats.raw_samples, "corrupt": stats.corrupt_samples,
-                    "shard_errors": stats.shard_errors}
+            info = {"worker": worker, "raw": stats.raw_samples, **stats.counters()}
             yield images.permute(0, 3, 1, 2), labels, info
             images = labels = None
             i = 0
@@ -483,8 +589,7 @@ class _RankStream(torch.utils.data.IterableDataset):
         if c["register_s3"]:
             register_s3_handler()
         carried = self.carried[worker]
-        stats = StreamStats(corrupt_samples=carried.get("corrupt", 0),
-                            shard_errors=carried.get("shard_errors", 0))
+        stats = StreamStats(**{t: carried.get(c, 0) for t, c in zip(_TOTALS, _COUNTERS)})
         stages = [
             lambda: epoch_shards(c["urls"], c["seed"], c["epoch"]),
             partial(split_by_rank, rank=c["rank"], world_size=c["world_size"]),
@@ -502,7 +607,47 @@ class _RankStream(torch.utils.data.IterableDataset):
                     num_classes=c["num_classes"]),
         ]
         # with_epoch: exactly this worker's share of the rank's batches, then stop
-        return iter(wds.DataPipeline(*stages).with_epoch(self.remaining[worker]))
+        return _errors_as_items(wds.DataPipeline(*stages).with_epoch(self.remaining[worker]))
+
+
+class _WorkerError:
+    """An error of hybrid_fc's own (a ShardError, a bad label) raised in a DataLoader worker,
+    carried to the main process as an item and raised there as it was. torch would re-raise it
+    with the worker's whole traceback inside the message: 20 lines where the user needs the
+    one that names the shard."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _errors_as_items(batches) -> Iterator:
+    try:
+        yield from batches
+    except Exception as e:
+        if torch.utils.data.get_worker_info() is None or \
+                not type(e).__module__.startswith("hybrid_fc"):
+            raise  # in the main process, or a bug: the traceback stays
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - cannot travel: torch's own path, traceback included
+            raise e from None
+        yield _WorkerError(e)
+
+
+def _iter_without_sigchld_errors(loader: torch.utils.data.DataLoader):
+    """iter(loader) with torch's SIGCHLD handler taken out again. torch installs it (once per
+    process, on the main thread) at the first multi-worker iterator; it raises "DataLoader
+    worker ... is killed by signal" from whatever code runs when a worker dies: in a trainer,
+    inside a collective on that one rank, which leaves the other ranks with a gloo traceback.
+    Without it torch finds the dead worker at the next batch fetch (it checks its workers every
+    5 s while waiting), inside this loader, where the error can be shared by every rank. A
+    handler torch installed earlier (a DataLoader of other code in this process) is left."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGCHLD) if main else None
+    batches = iter(loader)
+    if main and signal.getsignal(signal.SIGCHLD) is not before:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if before is None else before)
+    return batches
 
 
 class ShardLoader:
@@ -553,7 +698,7 @@ class ShardLoader:
         self.epoch, self.batches_done = epoch, 0
         self._raw = [0] * self.cfg["num_workers_logical"]
         self._worker_stats = [{} for _ in self._raw]
-        self._stats_before = {"corrupt_samples": 0, "shard_errors": 0}  # earlier epochs
+        self._stats_before = dict.fromkeys(_TOTALS, 0)  # earlier epochs
         self._last_log = 0.0
         make_decoder(decoder)  # fail here, not in a worker, on an unknown decoder
 
@@ -562,11 +707,12 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict:
-        """corrupt_samples (skipped) and shard_errors (shards that failed mid-way), this run."""
-        out = dict(self._stats_before)
+        """corrupt_samples (skipped), shard_errors (shards that failed mid-way) and
+        resized_samples (decoded at another size than the batch's), this run."""
+        out = {k: self._stats_before.get(k, 0) for k in _TOTALS}
         for s in self._worker_stats:
-            out["corrupt_samples"] += s.get("corrupt", 0)
-            out["shard_errors"] += s.get("shard_errors", 0)
+            for total, counter in zip(_TOTALS, _COUNTERS):
+                out[total] += s.get(counter, 0)
         return out
 
     def _layout(self) -> dict:
@@ -581,10 +727,15 @@ class ShardLoader:
                 "stats_before": dict(self._stats_before), "layout": self._layout()}
 
     def load_state_dict(self, state: dict):
-        self.epoch = int(state["epoch"])
-        self._stats_before = dict(state.get("stats_before", self._stats_before))
-        if state.get("layout") == self._layout():
-            self.batches_done = int(state["batches_done"])
+        """Continue where `state` (from state_dict, e.g. a checkpoint's rank_state) stopped.
+        Every field is checked first, against this loader's layout and epoch: a damaged or
+        crafted state (raw=[10**9] made a worker skip samples for ever) is a ValueError naming
+        the field."""
+        _check_state(state, self.num_samples, self._layout())
+        self.epoch = state["epoch"]
+        self._stats_before = dict(state["stats_before"])
+        if state["layout"] == self._layout():
+            self.batches_done = state["batches_done"]
             self._raw = list(state["raw"])
             self._worker_stats = [dict(s) for s in state["worker_stats"]]
         else:
@@ -611,9 +762,7 @@ class ShardLoader:
     def _run(self, total: int, done: int):
         nw = self.cfg["num_workers_logical"]
         rotation = done % nw
-        # batch k goes to logical worker k % nw: worker w's count is the length of piece w
-        share = [len(range(*split_span(total, w, nw))) for w in range(nw)]
-        taken = [len(range(*split_span(done, w, nw))) for w in range(nw)]
+        share, taken = _per_worker(total, nw), _per_worker(done, nw)
         # indexed by logical worker; _RankStream maps physical worker ids onto them
         remaining = [share[w] - taken[w] for w in range(nw)]
         dataset = _RankStream(dict(self.cfg, epoch=self.epoch), rotation, remaining,
@@ -627,13 +776,15 @@ class ShardLoader:
                   generator=base)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        batches = iter(torch.utils.data.DataLoader(dataset, **kw))
+        batches = _iter_without_sigchld_errors(torch.utils.data.DataLoader(dataset, **kw))
         try:
-            for images, labels, info in batches:
+            for item in _worker_deaths_named(batches):
+                if isinstance(item, _WorkerError):
+                    raise item.error
+                images, labels, info = item
                 w = info["worker"]
                 self._raw[w] = info["raw"]
-                self._worker_stats[w] = {"corrupt": info["corrupt"],
-                                         "shard_errors": info["shard_errors"]}
+                self._worker_stats[w] = {k: info[k] for k in _COUNTERS}
                 self.batches_done += 1
                 self._maybe_log()
                 yield images, labels
@@ -649,11 +800,11 @@ class ShardLoader:
 
     def _maybe_log(self, force: bool = False):
         s = self.stats
-        if (s["corrupt_samples"] or s["shard_errors"]) and \
-                (force or time.monotonic() - self._last_log > 60):
+        if any(s.values()) and (force or time.monotonic() - self._last_log > 60):
             self._last_log = time.monotonic()
-            log.warning("rank %d epoch %d: %d corrupt samples skipped, %d shard read errors so "
-                        "far", self.rank, self.epoch, s["corrupt_samples"], s["shard_errors"])
+            log.warning("rank %d epoch %d: %d corrupt samples skipped, %d shard read errors, %d "
+                        "images of another size resized so far", self.rank, self.epoch,
+                        s["corrupt_samples"], s["shard_errors"], s["resized_samples"])
 
     def _end_epoch(self):
         self._maybe_log(force=True)
@@ -664,8 +815,88 @@ class ShardLoader:
         self._raw = [0] * self.cfg["num_workers_logical"]
 
 
+def _worker_deaths_named(batches) -> Iterator:
+    """The DataLoader's items; a worker that died (torch: "DataLoader worker (pid(s) N) exited
+    unexpectedly") is a LoaderError that says what usually kills one and what to do."""
+    try:
+        yield from batches
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        raise LoaderError(f"a data loader worker process died ({e}): killed from outside, most "
+                          "often by the out-of-memory killer (see dmesg and the job's memory "
+                          "limit; fewer data.num_workers or a smaller data.shuffle_buffer use "
+                          "less), or crashed; resume from the last checkpoint") from None
+
+
 def _batches_in(layout: dict, num_samples: int) -> int:
     return num_samples // (layout["world_size"] * layout["batch_size"])
+
+
+def _per_worker(batches: int, num_workers: int) -> List[int]:
+    """How many of the first `batches` batches each logical worker hands out: batch k comes
+    from worker k % num_workers, so worker w's count is the length of piece w."""
+    return [len(range(*split_span(batches, w, num_workers))) for w in range(num_workers)]
+
+
+# A worker's counters as its batches report them (state["worker_stats"]), and the same counts
+# as StreamStats fields, state["stats_before"] and ShardLoader.stats name them.
+_COUNTERS = ("corrupt", "shard_errors", "resized")
+_TOTALS = ("corrupt_samples", "shard_errors", "resized_samples")
+
+
+def _check_state(state, num_samples: int, layout: dict):
+    """ValueError naming the first field of a loader state that this loader cannot have
+    written: a wrong type, a negative count, a position past the epoch, or a worker position
+    (raw samples it consumed) other than its batches' samples plus the corrupt ones it skipped
+    (the exact relation state_dict keeps). Corrupt samples beyond the epoch's sample count are
+    refused too: a crafted count would make resume skip that many samples."""
+    def bad(field, value, want):
+        raise ValueError(f"data loader state (a checkpoint's rank_state): {field} is "
+                         f"{str(value)[:80]}, {want}; the state is damaged or from another "
+                         "dataset: resume from another checkpoint, or start the epoch over")
+
+    def count(field, value, minimum=0, maximum=None):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum or \
+                (maximum is not None and value > maximum):
+            bad(field, repr(value), f"expected an integer in [{minimum}, "
+                                    f"{'...' if maximum is None else maximum}]")
+        return value
+
+    def counters(field, value, names, maximum=None):
+        if not isinstance(value, dict) or set(value) - set(names):
+            bad(field, repr(value), f"expected a mapping of {', '.join(names)}")
+        for k, v in value.items():
+            count(f"{field}[{k!r}]", v, 0, maximum)
+        return value
+
+    if not isinstance(state, dict):
+        bad("the state", type(state).__name__, "expected a mapping")
+    for k in ("epoch", "batches_done", "raw", "worker_stats", "stats_before", "layout"):
+        if k not in state:
+            bad(f"field {k!r}", "missing", "expected every field state_dict writes")
+    count("epoch", state["epoch"])
+    counters("stats_before", state["stats_before"], _TOTALS)
+    saved = state["layout"]
+    if not isinstance(saved, dict) or set(saved) != set(layout):
+        bad("layout", repr(saved), f"expected the fields {sorted(layout)}")
+    for k, v in saved.items():
+        count(f"layout[{k!r}]", v, {"seed": -2 ** 63, "shuffle_buffer": 0}.get(k, 1))
+    batches = count("batches_done", state["batches_done"], 0, _batches_in(saved, num_samples))
+    if saved != layout:
+        return  # only the epoch and its fraction done are used
+    nw, size = layout["num_workers_logical"], layout["batch_size"]
+    raw, stats = state["raw"], state["worker_stats"]
+    if not isinstance(raw, list) or len(raw) != nw:
+        bad("raw", repr(raw), f"expected a list of {nw} counts (one per worker)")
+    if not isinstance(stats, list) or len(stats) != nw:
+        bad("worker_stats", repr(stats), f"expected a list of {nw} mappings (one per worker)")
+    for w, taken in enumerate(_per_worker(batches, nw)):
+        counters(f"worker_stats[{w}]", stats[w], _COUNTERS, num_samples)
+        corrupt = stats[w].get("corrupt", 0)
+        if count(f"raw[{w}]", raw[w]) != taken * size + corrupt:
+            bad(f"raw[{w}]", raw[w], f"but worker {w} handed out {taken} batches of {size} and "
+                                     f"skipped {corrupt} corrupt samples: {taken * size + corrupt}")
 
 
 def _check_int(name: str, value, minimum: int):
@@ -691,7 +922,7 @@ def make_loader(source: Union[str, Sequence[str]], batch_size: int, *,
         rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
         world_size = world_size if world_size is not None else (
             dist.get_world_size() if initialized else 1)
-    manifest = load_manifest(source, url_template)
+    manifest = load_manifest(source, url_template, timeout=check_timeout)
     if any(u.startswith("s3://") for u in manifest.urls):
         register_s3_handler()
     if check:

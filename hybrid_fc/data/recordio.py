@@ -26,8 +26,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["RecordIOError", "IRHeader", "RecordIOFile", "unpack_record", "read_index",
-           "RECORDIO_MAGIC"]
+__all__ = ["RecordIOError", "UnindexedRecords", "IRHeader", "RecordIOFile", "unpack_record",
+           "read_index", "RECORDIO_MAGIC"]
 
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
@@ -37,6 +37,11 @@ _IR_FORMAT = struct.Struct("<IfQQ")  # flag, label, id, id2: 24 bytes
 
 class RecordIOError(ValueError):
     """A RecordIO file that does not follow the format; the message names file, key and offset."""
+
+
+class UnindexedRecords(RecordIOError):
+    """A record ends before the next one its .idx points to: records in between have no .idx
+    line (the .idx was cut short, or lost lines)."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,12 @@ class RecordIOFile:
             self._f.close()
             self._f = None
 
-    def read_at(self, offset: int, key: Optional[int] = None) -> bytes:
-        """The reassembled payload of the record starting at `offset`."""
+    def read_at(self, offset: int, key: Optional[int] = None, end: Optional[int] = None
+                ) -> bytes:
+        """The reassembled payload of the record starting at `offset`. end: where the next
+        indexed record starts (or the file's size, after the last one); a record that ends
+        anywhere else means records in between that no .idx line points to (an .idx cut short,
+        or missing lines): RecordIOError."""
         f = self._file()
         f.seek(offset)
         parts = []
@@ -146,8 +155,8 @@ class RecordIOFile:
                 raise RecordIOError(f"{where}: file ends inside a record header")
             magic, lrec = struct.unpack("<II", head)
             if magic != RECORDIO_MAGIC:
-                raise RecordIOError(f"{where}: magic 0x{magic:08x}, expected 0x{RECORDIO_MAGIC:08x} "
-                                    f"(does the .idx belong to this .rec?)")
+                raise RecordIOError(f"{where}: magic 0x{magic:08x}, expected "
+                                    f"0x{RECORDIO_MAGIC:08x} (does the .idx belong to this .rec?)")
             cflag, length = lrec >> 29, lrec & _LEN_MASK
             if cflag not in (0, 1, 2, 3) or (not parts and cflag in (2, 3)):
                 raise RecordIOError(f"{where}: continuation flag {cflag} out of sequence")
@@ -156,11 +165,18 @@ class RecordIOFile:
                 raise RecordIOError(f"{where}: file ends inside a record of {length} bytes")
             parts.append(data[:length])
             if cflag in (0, 3):
+                if end is not None and f.tell() != end:
+                    raise UnindexedRecords(
+                        f"{where}: the record ends at byte {f.tell()}, but the next indexed "
+                        f"record (or the file's end) is at byte {end}: {end - f.tell()} bytes of "
+                        "records in between are in no .idx line")
                 return _MAGIC_BYTES.join(parts)
 
-    def read_image(self, offset: int, key: Optional[int] = None) -> Tuple[int, bytes]:
-        """(label, image bytes) of the image record at `offset`; the label must be an integer."""
-        payload = self.read_at(offset, key)  # its errors name the file, key and offset
+    def read_image(self, offset: int, key: Optional[int] = None, end: Optional[int] = None
+                   ) -> Tuple[int, bytes]:
+        """(label, image bytes) of the image record at `offset`; the label must be an integer.
+        end: see read_at."""
+        payload = self.read_at(offset, key, end)  # its errors name the file, key and offset
         try:
             header, image = unpack_record(payload)
         except RecordIOError as e:

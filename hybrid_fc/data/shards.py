@@ -17,11 +17,12 @@ is written under a temporary name and renamed (or uploaded) when complete; then 
 written. A shard counts as done when its record exists, so a re-run after a kill at any point
 redoes only unfinished shards: no duplicates, nothing missing.
 """
+import contextlib
+import dataclasses
 import json
 import logging
 import multiprocessing
 import os
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -34,7 +35,7 @@ from webdataset import TarWriter
 
 from ..common import parse_size
 from .sources import Source, SourceError, open_source
-from .storage import OutputDir
+from .storage import OutputDir, OutputError
 
 __all__ = ["ConvertPlan", "convert", "sniff_image", "stable_permutation",
            "MANIFEST", "KEY_DIGITS", "sample_key", "shard_name"]
@@ -125,20 +126,30 @@ def _exit_with_parent(parent: int, every_s: float = 0.5):
     os._exit(1)
 
 
+def _source_items(source: Source, indices: np.ndarray):
+    """source.iter_indices, with an OSError of the source (a file or folder gone since the plan)
+    as a SourceError: any OSError left in _write_shard is then the output's."""
+    try:
+        yield from source.iter_indices(indices)
+    except OSError as e:
+        raise SourceError(f"cannot read the source: {e}") from None
+
+
 def _write_shard(i: int, indices: np.ndarray, source: Optional[Source] = None,
                  out: Optional[OutputDir] = None) -> dict:
     """Write shard i (source `indices`, increasing) to a temp file, publish it, then its record.
-    In a pool worker, source and out come from the initializer."""
+    In a pool worker, source and out come from the initializer. A failed write (read-only or
+    full disk, a file size limit) is an OutputError naming the shard and the free space."""
     source, out = source or _WORKER["source"], out or _WORKER["out"]
     name = shard_name(i)
     tmp = out.temp_file(name)
     count, max_label, skipped = 0, -1, []
     try:
-        with open(tmp, "wb") as f:
+        with out.errors("write", name), open(tmp, "wb") as f:
             # mtime fixed: the same plan gives byte-identical shards on every run
             writer = TarWriter(f, encoder=False, mtime=0)
             try:
-                for index, data, label in source.iter_indices(indices):
+                for index, data, label in _source_items(source, indices):
                     ext = sniff_image(data)
                     if ext is None:
                         # kept out of the shards and listed in the manifest, never silently
@@ -152,10 +163,12 @@ def _write_shard(i: int, indices: np.ndarray, source: Optional[Source] = None,
                 writer.close()
             f.flush()
             os.fsync(f.fileno())  # the rename below must never publish unwritten data
+            size = os.path.getsize(tmp)
     except BaseException:
-        os.remove(tmp)  # a failed shard leaves nothing behind (a killed one: see remove_stale)
+        # a failed shard leaves nothing behind (a killed one: see remove_stale_temps)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         raise
-    size = os.path.getsize(tmp)
     out.commit(tmp, name)
     record = {"index": i, "url": name, "count": count, "bytes": size, "max_label": max_label,
               "skipped": skipped}
@@ -178,6 +191,62 @@ def _make_plan(source: Source, shard_bytes: int, samples_per_shard: Optional[int
                        shuffle_seed=shuffle_seed)
 
 
+def _is_count(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _read_json(outdir: OutputDir, name: str, remedy: str):
+    """A JSON object the converter wrote under `outdir`; OutputError naming it and `remedy`
+    when it is damaged (not JSON, or not an object)."""
+    try:
+        data = json.loads(outdir.read_text(name))
+    except ValueError as e:
+        raise OutputError(f"{outdir.path(name)} is damaged (not JSON: {e}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise OutputError(f"{outdir.path(name)} is damaged (a JSON {type(data).__name__}, not "
+                          f"an object); {remedy}")
+    return data
+
+
+def _read_plan(outdir: OutputDir) -> ConvertPlan:
+    """The plan of a conversion being resumed. A damaged plan cannot be recreated from what
+    is there (it fixes which samples each finished shard holds), so the remedy is a new
+    conversion."""
+    remedy = f"remove the folder {outdir.url} and convert again"
+    d = _read_json(outdir, PLAN, remedy)
+    fields = {f.name for f in dataclasses.fields(ConvertPlan)}
+    try:
+        plan = ConvertPlan(**d)
+    except TypeError:
+        raise OutputError(f"{outdir.path(PLAN)} is damaged (fields {sorted(d)}, expected "
+                          f"{sorted(fields)}); {remedy}") from None
+    n, per = plan.num_samples, plan.samples_per_shard
+    if not (isinstance(plan.source, dict) and _is_count(n) and _is_count(per, 1)
+            and plan.num_shards == (n + per - 1) // per
+            and (plan.shuffle_seed is None or _is_count(plan.shuffle_seed))):
+        raise OutputError(f"{outdir.path(PLAN)} is damaged (num_samples {n!r}, samples_per_shard "
+                          f"{per!r}, num_shards {plan.num_shards!r}, shuffle_seed "
+                          f"{plan.shuffle_seed!r}); {remedy}")
+    return plan
+
+
+def _read_record(outdir: OutputDir, name: str, plan: ConvertPlan) -> dict:
+    """A finished shard's record. A damaged one is removed by the user and its shard written
+    again (a shard counts as done only while its record exists)."""
+    remedy = ("remove it and run the same command again (its shard is then written again)")
+    rec = _read_json(outdir, name, remedy)
+    i = rec.get("index")
+    ok = (_is_count(i) and i < plan.num_shards and name == f"_convert/{shard_name(i)[:-4]}.json"
+          and rec.get("url") == shard_name(i) and _is_count(rec.get("count"))
+          and _is_count(rec.get("bytes")) and _is_count(rec.get("max_label"), -1)
+          and isinstance(rec.get("skipped"), list) and all(map(_is_count, rec["skipped"])))
+    if not ok:
+        raise OutputError(f"{outdir.path(name)} is damaged (not the record of shard "
+                          f"{name[len('_convert/'):-5]}.tar of this plan: {str(rec)[:200]}); "
+                          f"{remedy}")
+    return rec
+
+
 def convert(source: Union[str, Source], out: str, *, shard_size: Union[str, int] = "256MB",
             samples_per_shard: Optional[int] = None, workers: int = 1,
             shuffle_seed: Optional[int] = 0,
@@ -197,7 +266,7 @@ def convert(source: Union[str, Source], out: str, *, shard_size: Union[str, int]
     outdir = OutputDir(out, staging_dir)
     try:
         if outdir.exists(PLAN):
-            plan = ConvertPlan(**outdir.read_json(PLAN))
+            plan = _read_plan(outdir)
             if plan.source != src.fingerprint() or plan.format != FORMAT:
                 raise SourceError(
                     f"{out} holds a conversion of a different source ({plan.source}); this source "
@@ -218,7 +287,7 @@ def convert(source: Union[str, Source], out: str, *, shard_size: Union[str, int]
         records = {}
         for name in outdir.list("_convert"):
             if name.startswith("shard-") and name.endswith(".json"):
-                rec = outdir.read_json(f"_convert/{name}")
+                rec = _read_record(outdir, f"_convert/{name}", plan)
                 records[rec["index"]] = rec
         todo = [i for i in range(plan.num_shards) if i not in records]
         say(f"{plan.num_samples} samples -> {plan.num_shards} shards of {plan.samples_per_shard}; "
@@ -294,17 +363,16 @@ def _manifest(plan: ConvertPlan, src: Source, records: dict) -> dict:
     }
 
 
-def run_cli(prog: str, out: str, job: Callable[[], dict]) -> int:
-    """Run a conversion for a command-line script: summary on stdout and exit status 0, or the
-    input error (SourceError / ValueError, which name the bad value) on stderr and status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        m = job()
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+def run_cli(out: str, job: Callable[[Callable[[str], None]], dict]) -> dict:
+    """A conversion for a command-line script: job(progress) runs it; progress lines and the
+    summary go to stdout, warnings (left-out files) to stderr; botocore's and s3fs's INFO
+    chatter is lowered. Errors are raised: the scripts end through hybrid_fc.runtime.run_script,
+    which prints an input error as one line."""
+    from ..runtime import quiet_logs
+    quiet_logs(rank=0)
+    m = job(lambda line: print(line, flush=True))
     left = len(m.get("skipped", [])) + len(m.get("left_out", []))
     print(f"{m['num_samples']} samples, {m['num_classes']} classes, {len(m['shards'])} shards "
           f"-> {out}" + (f"; {left} source files left out, listed in {MANIFEST} ('skipped', "
                          "'left_out')" if left else ""))
-    return 0
+    return m

@@ -10,7 +10,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .recordio import RecordIOError, RecordIOFile, label_to_int, read_index, unpack_record
+from .recordio import (RecordIOError, RecordIOFile, UnindexedRecords, label_to_int, read_index,
+                       unpack_record)
 
 __all__ = ["Source", "RecordIOSource", "FolderSource", "ListSource", "open_source",
            "SourceError", "IMAGE_EXTENSIONS"]
@@ -75,6 +76,8 @@ class RecordIOSource(Source):
             keys, offsets = read_index(self.idx_path)
         except RecordIOError as e:
             raise SourceError(str(e)) from None
+        if not keys.size:
+            raise SourceError(f"{self.idx_path} has no `key<TAB>offset` lines")
         rec = RecordIOFile(self.rec_path)
         self.layout, image_keys = "plain", keys
         if keys.size and keys[0] == 0:
@@ -107,13 +110,23 @@ class RecordIOSource(Source):
                               f"({int(past.sum())} of {keys.size} records lie past its end): the "
                               ".rec is truncated (an interrupted copy?) or the .idx belongs to "
                               "another .rec")
+        # The record that starts last must end where the file ends: an .idx cut at a line
+        # boundary (an interrupted copy) parses cleanly and would convert half the dataset.
+        last = int(np.argmax(offsets))
+        try:
+            rec.read_at(int(offsets[last]), int(keys[last]), end=rec_bytes)
+        except RecordIOError as e:
+            raise SourceError(_unindexed(e, self.idx_path)) from None
+        finally:
+            rec.close()
         pos = np.searchsorted(keys, image_keys)
         self.keys = image_keys
         self.offsets = offsets[pos]
-        # record sizes from the gaps between sorted offsets (exact up to padding)
+        # where each image record's successor starts (every indexed record, then the file's end):
+        # its size for shard planning, and where the record must end (RecordIOFile.read_at)
         all_sorted = np.sort(np.append(offsets, rec_bytes))
-        nxt = all_sorted[np.searchsorted(all_sorted, self.offsets, side="right")]
-        self._sizes = nxt - self.offsets
+        self._next = all_sorted[np.searchsorted(all_sorted, self.offsets, side="right")]
+        self._sizes = self._next - self.offsets
         self.num_samples = int(image_keys.size)
 
     def fingerprint(self):
@@ -127,10 +140,20 @@ class RecordIOSource(Source):
         for i in indices.tolist():
             key = int(self.keys[i])
             try:
-                label, image = self.rec.read_image(int(self.offsets[i]), key)
+                label, image = self.rec.read_image(int(self.offsets[i]), key,
+                                                   int(self._next[i]))
             except ValueError as e:
-                raise SourceError(str(e)) from None
+                raise SourceError(_unindexed(e, self.idx_path)) from None
             yield i, image, label
+
+
+def _unindexed(error: ValueError, idx_path: str) -> str:
+    """A RecordIO read error's message; records the .idx does not point to are its fault, so
+    it is named, with what to do."""
+    if isinstance(error, UnindexedRecords):
+        return (f"{idx_path} does not index every record: {error}. The .idx was cut short or "
+                "lost lines (an interrupted copy?): copy it again, or rebuild it from the .rec")
+    return str(error)
 
 
 class FolderSource(Source):

@@ -55,7 +55,12 @@ def agree_on_error(error: Optional[BaseException], group=None) -> None:
     """Collective: every rank of `group` learns whether any rank holds an error, so none walks
     into the next collective alone and waits there for ever. No error anywhere: returns (cost:
     one tiny all-reduce). Otherwise a rank holding an error raises it, and every other rank
-    raises RankFailed naming the lowest failing rank and its message."""
+    raises RankFailed naming the lowest failing rank and its message. Alone (no process
+    group, or a group of one) it raises the error, if any."""
+    if group_size(group) == 1:
+        if error is not None:
+            raise error
+        return
     if all_ranks_true(error is None, group):
         return
     text = None if error is None else f"{type(error).__name__}: {error}"

@@ -382,8 +382,8 @@ def run_script(main, argv=None, status: bool = False) -> int:
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is an input error
         if verbose or not _input_error(exc):
             raise
-        print_err(f"hybrid_fc{where}: error: {type(exc).__name__}: {exc}\n(HYBRID_FC_TRACEBACK=1 "
-                  "or --verbose shows the traceback)")
+        print_err(f"hybrid_fc{where}: error: {type(exc).__name__}: {exc} (--verbose or "
+                  "HYBRID_FC_TRACEBACK=1 shows the traceback)")
         return 1
     finish_distributed()
     return int(returned) if status else 0

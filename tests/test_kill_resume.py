@@ -194,7 +194,10 @@ def test_sigterm_or_ctrl_c_on_one_node_saves_and_resumes_bit_exact(tmp_path, sha
             assert len(said) == 1 and said[0].endswith(
                 f"stopped by {signame} at step {int(latest[11:])}; saved "
                 f"{os.path.join(out, latest)}; run the same command to resume"), log[-3000:]
-            assert "Traceback" not in log and "Connection reset" not in log, log[-3000:]
+            # no traceback through a rank's code (DeepSpeed's runner prints its own for Ctrl-C)
+            assert "Connection reset" not in log, log[-3000:]
+            for ours in ("hybrid_fc", "launch"):
+                assert f'File "{os.path.join(ROOT, ours)}' not in log, log[-3000:]
         return int(latest[11:])
     try:
         procs = start_both()

@@ -634,6 +634,17 @@ def _errors_as_items(batches) -> Iterator:
         yield _WorkerError(e)
 
 
+def _worker_signals(worker_id: int) -> None:
+    """A worker leaves SIGINT and SIGTERM to its rank. Ctrl-C reaches a terminal's whole
+    process group and DeepSpeed's launcher signals its whole process tree, but a preempted rank
+    still fetches batches while it finishes its step and saves (the trainer's Preemption); it
+    then stops its workers itself (the loader's shutdown), and a worker whose rank died exits
+    by torch's parent watchdog. (A forked worker would otherwise also inherit the rank's own
+    Python handlers.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _iter_without_sigchld_errors(loader: torch.utils.data.DataLoader):
     """iter(loader) with torch's SIGCHLD handler taken out again. torch installs it (once per
     process, on the main thread) at the first multi-worker iterator; it raises "DataLoader
@@ -775,7 +786,8 @@ class ShardLoader:
         kw = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                   generator=base)
         if self.num_workers > 0:
-            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                      worker_init_fn=_worker_signals)
         batches = _iter_without_sigchld_errors(torch.utils.data.DataLoader(dataset, **kw))
         try:
             for item in _worker_deaths_named(batches):

@@ -258,17 +258,6 @@ def _embed_block(model, source, part: str, rank: int, world: int, image_size: in
     return count, dim
 
 
-def _share(error: Optional[Exception], group) -> None:
-    """agree_on_error (every rank raises: the failing one its error, the others RankFailed),
-    also without a process group, where it has none to gather the message over."""
-    from hybrid_fc.collectives import agree_on_error, group_size
-    if group_size(group) == 1:
-        if error is not None:
-            raise error
-        return
-    agree_on_error(error, group)
-
-
 def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image_size: int, *,
                        batch_size: int = 128, flip: bool = True, group=None) -> int:
     """Embed every image of `source` (an image folder, or shards: a manifest folder/file, a
@@ -276,7 +265,8 @@ def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image
     Collective over `group`; returns the number of images. An error on any rank (a bad shard,
     a key two samples share) stops every rank: that rank raises it, the others RankFailed
     naming it, and no part or temporary file is left."""
-    from hybrid_fc.collectives import comm_device, gather_batch_meta, group_rank, group_size
+    from hybrid_fc.collectives import (agree_on_error, comm_device, gather_batch_meta,
+                                       group_rank, group_size)
     if not out.endswith(".npy"):
         raise ValueError(f"out must be a .npy path, got {out!r}")
     check_source(source)
@@ -289,7 +279,7 @@ def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image
             rows = _embed_block(model, source, part, rank, world, image_size, batch_size, flip)
         except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
             error = exc
-        _share(error, group)  # also the barrier: every part file is complete
+        agree_on_error(error, group)  # also the barrier: every part file is complete
         meta = gather_batch_meta(torch.tensor(rows, device=comm_device(group)), group)
         total = sum(n for n, _ in meta)
         if total == 0:
@@ -303,7 +293,7 @@ def extract_embeddings(model, source: Union[str, Sequence[str]], out: str, image
                 _concatenate(stem, out, meta, spans)
             except Exception as exc:  # noqa: BLE001 - shared with every rank below
                 error = exc
-        _share(error, group)  # out is complete, or every rank raises
+        agree_on_error(error, group)  # out is complete, or every rank raises
     finally:
         for ext in (".f32", ".keys", ".labels", ".shards"):
             with contextlib.suppress(FileNotFoundError):

@@ -203,8 +203,9 @@ class DataConfig:
     """Epoch length in samples; 0: from the manifest. Needed when data.urls is a brace pattern,
     a list or a pipe: command without manifest.json."""
     retry_s: float = 20.0
-    """Remote shards (s3://): how long a shard whose connection fails is retried (with
-    backoff, losing no sample) before the run stops with an error naming shard and endpoint."""
+    """Remote shards (s3://): how long a shard whose connection fails or stalls is retried
+    (with backoff, losing no sample; each request's timeout is cut from what is left) before
+    the run stops with an error naming shard and endpoint."""
 
     def __post_init__(self):
         _require_finite(self, "data")

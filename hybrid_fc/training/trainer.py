@@ -141,6 +141,13 @@ class InputStreams:
         if self.loader is not None and state.get("loader") is not None:
             self.loader.load_state_dict(state["loader"])
 
+    def close(self) -> None:
+        """Stop the loader's workers now (the end of a run, an error, a preemption): they
+        leave SIGTERM and SIGINT to this rank, so nothing else would stop them before exit."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
     def __next__(self):
         """The next micro-batch. Collective: a loader that fails on one rank (a ShardError, a
         worker that died) stops every rank at the same step, the others with RankFailed naming
@@ -173,9 +180,13 @@ class InputStreams:
     def _webdataset(self):
         from ..data import augment
         while True:
-            for images, labels in self.loader:
-                yield (augment(images.to(self.device), generator=self.augment_rng),
-                       labels.to(self.device))
+            epoch = iter(self.loader)
+            try:
+                for images, labels in epoch:
+                    yield (augment(images.to(self.device), generator=self.augment_rng),
+                           labels.to(self.device))
+            finally:  # close(): the loader stops its workers
+                epoch.close()
 
 
 class _Log:
@@ -451,6 +462,12 @@ class Trainer:
         """Train to cfg.train.steps (verification every eval.every, a checkpoint every
         train.checkpoint_every and at the end); returns the HybridEngine. Raises Preempted
         after a signal (saved), PeerLost when another rank went away."""
+        try:
+            return self._fit()
+        finally:
+            self.batches.close()
+
+    def _fit(self):
         cfg, hybrid, log, verify = self.cfg, self.hybrid, self.log, self.verify
         hybrid.train()
         with Preemption(self.rank) as stop:

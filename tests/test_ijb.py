@@ -1,5 +1,5 @@
-"""IJB-B / IJB-C 1:1 verification: alignment, insightface's pooling and TAR@FAR, ranks, bad
-releases.
+"""IJB-B / IJB-C 1:1 verification: alignment, insightface's pooling and TAR@FAR, ranks, ONNX,
+bad releases.
 
 The release is synthetic and written here in insightface's layout: identities are smooth
 random 32x32 "faces" (80% of their texture shared, so that a random network's TAR is below
@@ -10,6 +10,7 @@ least-squares similarity by np.linalg.lstsq, PIL decoding, the backbone called d
 insightface's pooling / scoring / TAR loops transcribed from eval_ijbc.py, and sklearn's
 roc_curve and auc.
 """
+import json
 import os
 import shutil
 
@@ -483,3 +484,134 @@ def test_missing_image_is_named_before_embedding(release, tmp_path):
     with pytest.raises(IJBError, match=r"loose_crop/3.jpg does not exist \(listed at "
                                        r".*ijbc_name_5pts_score.txt:3\)"):
         evaluate_ijb(NoForward(), bad, SIZE)
+
+
+# -- launch/eval.py: checkpoint, ONNX, ranks -------------------------------------------------
+def _launch_eval():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("launch_eval",
+                                                  os.path.join(ROOT, "launch", "eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny model as launch/export.py writes it: backbone.pt + backbone.json, and ONNX."""
+    from hybrid_fc.evaluation import export_onnx
+    require_extra("onnxruntime")
+    out = tmp_path_factory.mktemp("exported")
+    model = _model()
+    torch.save(model.state_dict(), out / "backbone.pt")
+    (out / "backbone.json").write_text(json.dumps({"backbone": "iresnet_tiny",
+                                                   "embedding_size": EMB, "input_size": SIZE,
+                                                   "backbone_kwargs": {}}))
+    export_onnx(model, str(out / "backbone.onnx"), SIZE)
+    return out
+
+
+def _without_speed(records):
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+
+
+def test_eval_checkpoint_onnx_and_two_ranks_agree(release, exported, tmp_path, capsys):
+    """launch/eval.py --ijb and --pairs on the checkpoint (one process), on its ONNX export
+    (onnxruntime: equal within fp32 tolerance), and under the deepspeed launcher on 2 ranks
+    (the same JSON, the same printed table)."""
+    import subprocess
+    import sys
+    from harness import free_port
+    from test_evaluation import _pairs, _write_insightface_bin
+    root, info = release
+    images, issame = _pairs(12, size=SIZE)
+    _write_insightface_bin(str(tmp_path / "lfw.bin"), images, issame)
+    common = ["--ijb", root, "--pairs", str(tmp_path / "lfw.bin"), "--batch-size", "16"]
+    launch_eval = _launch_eval()
+    launch_eval.main(["--checkpoint", str(exported / "backbone.pt"), *common,
+                      "--json", str(tmp_path / "ck.json"), "--plot", str(tmp_path / "roc.png")])
+    printed = capsys.readouterr().out
+    launch_eval.main(["--onnx", str(exported / "backbone.onnx"), *common,
+                      "--json", str(tmp_path / "onnx.json")])
+    ck = json.loads((tmp_path / "ck.json").read_text())
+    onnx = json.loads((tmp_path / "onnx.json").read_text())
+    assert [r["kind"] for r in ck] == ["pairs", "ijb"] and ck[1]["name"] == "IJBC"
+    assert ck[1]["images"] == len(info["images"]) and ck[1]["images_per_s"] > 0
+    assert "IJBC" in printed and "1e-06" in printed and "images/s on 1 rank" in printed
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    # onnxruntime's fp32 kernels sum in another order: scores within ~1e-6, the TARs equal
+    assert ck[0]["accuracy"] == onnx[0]["accuracy"]
+    assert ck[1]["tar_at_far"] == onnx[1]["tar_at_far"]
+    assert ck[1]["auc"] == pytest.approx(onnx[1]["auc"], abs=1e-4)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                          "--master_port", str(free_port()),
+                          os.path.join(ROOT, "launch", "eval.py"), "--checkpoint",
+                          str(exported / "backbone.pt"), *common,
+                          "--json", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert _without_speed(two) == _without_speed(ck)
+    table = [line for line in printed.splitlines() if line.startswith("IJBC ")]
+    assert table and table[0] in out.stdout and "images/s on 2 ranks" in out.stdout
+
+
+def test_eval_errors_are_one_line(release, exported, tmp_path, capsys):
+    """Through run_script, as on the command line: a bad release is one line naming the file
+    and line (no traceback); --onnx and --checkpoint exclude each other."""
+    from hybrid_fc.runtime import run_script
+    root, _ = release
+    bad = str(tmp_path / "IJBC")
+    shutil.copytree(root, bad)
+    _edit(os.path.join(bad, "meta", "ijbc_template_pair_label.txt"), 2, "1 2 x")
+    launch_eval = _launch_eval()
+    assert run_script(launch_eval.main, ["--checkpoint", str(exported / "backbone.pt"),
+                                         "--ijb", bad]) == 1
+    err = capsys.readouterr().err
+    assert "IJBError: " in err and "ijbc_template_pair_label.txt:2: expected" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2   # + the --verbose hint
+    for argv in (["--checkpoint", "x", "--onnx", "y.onnx", "--ijb", root], ["--ijb", root],
+                 ["--checkpoint", "x"]):
+        with pytest.raises(SystemExit):
+            launch_eval.parse_args(argv)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch's TorchScript exporter
+def test_onnx_input_conventions(exported, tmp_path):
+    """insightface-style models that take raw pixels: `pixel_norm.txt` (0, 1) beside the
+    model, or a graph starting with Sub and Mul nodes (MXNet conversions). Bugs caught: the
+    pixel scale not undone, a static batch of 1 fed a batch of 5."""
+    onnx = require_extra("onnx")
+    from hybrid_fc.evaluation import OnnxBackbone
+
+    class RawPixels(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, p):
+            return self.net((p - 127.5) * (1 / 127.5))
+    net = _model()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    torch.onnx.export(RawPixels(net).eval(), (torch.zeros(1, 3, SIZE, SIZE),),
+                      str(raw / "m.onnx"),
+                      dynamo=False, input_names=["data"], output_names=["fc1"])
+    x = torch.rand(5, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        ref = net(x)
+    (raw / "pixel_norm.txt").write_text("0\n1\n")
+    model = OnnxBackbone(str(raw / "m.onnx"))
+    assert (model.input_size, model.batch, model.mean, model.std) == (SIZE, 1, 0.0, 1.0)
+    torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+    (raw / "pixel_norm.txt").unlink()
+    # insightface's check reads the names of the first 8 nodes only (MXNet's _minus / _mul)
+    graph = onnx.load(str(raw / "m.onnx"))
+    graph.graph.node[0].name, graph.graph.node[1].name = "_minus0", "_mul0"
+    onnx.save(graph, str(raw / "m.onnx"))
+    torch.testing.assert_close(OnnxBackbone(str(raw / "m.onnx"))(x), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"backbone.onnx: input 'images' is 32x32; expected a "
+                                         r"square input of --input-size 48"):
+        OnnxBackbone(str(exported / "backbone.onnx"), input_size=48)

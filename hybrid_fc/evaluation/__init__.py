@@ -6,7 +6,7 @@
                 protocol, spread over every rank; align: the 5-landmark similarity alignment
   extract       embeddings of an image folder or shards to .npy + keys
   export        fp32 backbone state dict, ONNX, class centers gathered from the head shards;
-                loading a checkpoint for inference
+                loading a checkpoint (or an ONNX model: OnnxBackbone) for inference
 """
 from .export import (OnnxExportError, export_class_centers, export_onnx, load_backbone,
                      load_for_inference, save_backbone)
@@ -17,6 +17,7 @@ from .verification import (BinFileError, PairSet, VerificationHook, Verification
                            load_bin, load_pair_list, load_pair_set, tar_at_far,
                            verification_metrics, write_bin)
 from .align import ARCFACE_DST, align_face, similarity_transform, warp_affine
+from .export import OnnxBackbone, load_onnx_for_inference
 from .ijb import (IJBError, IJBRelease, IJBResult, evaluate_ijb, format_ijb_table,
                   load_release, plot_roc, pool_templates, roc_curve, score_pairs, tar_at_fars)
 
@@ -28,4 +29,5 @@ __all__ = ["BinFileError", "PairSet", "VerificationHook", "VerificationResult",
            "load_backbone", "load_for_inference", "save_backbone",
            "ARCFACE_DST", "align_face", "similarity_transform", "warp_affine", "IJBError",
            "IJBRelease", "IJBResult", "evaluate_ijb", "format_ijb_table", "load_release",
-           "plot_roc", "pool_templates", "roc_curve", "score_pairs", "tar_at_fars"]
+           "plot_roc", "pool_templates", "roc_curve", "score_pairs", "tar_at_fars",
+           "OnnxBackbone", "load_onnx_for_inference"]

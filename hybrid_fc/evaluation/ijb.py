@@ -18,7 +18,7 @@ by default:
      detector_score=False: its "D0").
   3. Media feature = mean of the template's images of one media (a video's frames, or a still);
      template feature = sum of its media features, L2-normalized.
-  4. The score of a pair is the cosine of its two template features (float64, in blocks).
+  4. The score of a pair is the cosine of its two template features (float64).
   5. The ROC is sklearn.metrics.roc_curve(labels, scores)'s (drop_intermediate=True), ROC AUC
      its trapezoid area, and TAR at FAR the TPR of the ROC point whose FPR is nearest to FAR,
      the largest TPR among equally near points (insightface flips the ROC before its argmin).
@@ -173,14 +173,11 @@ def _read_image_lines(path: str, fields: str, convert, ignored: Dict[str, int]
 
 
 def _ints(values) -> tuple:
-    return tuple(int(v) for v in values)
+    return tuple(map(int, values))
 
 
-def _finite_floats(values) -> tuple:
-    out = tuple(float(v) for v in values)
-    if not all(math.isfinite(v) for v in out):
-        raise ValueError("a value is not finite")
-    return out
+def _floats(values) -> tuple:
+    return tuple(map(float, values))
 
 
 def _data_lines(path: str):
@@ -225,6 +222,18 @@ def _read_pairs(path: str) -> np.ndarray:
     raise IJBError(f"{path}: cannot be read as `template1 template2 label` lines ({error})")
 
 
+def _rows_of(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The row of each of `values` in the sorted unique `ids`, -1 where absent. IJB's template
+    ids are small non-negative integers: a lookup table then (0.7 s for IJB-C's 31M ids, where
+    a binary search, np.searchsorted, took 10 s)."""
+    if ids[0] >= 0 and ids[-1] <= 64 * len(ids) + (1 << 20):
+        table = np.full(ids[-1] + 2, -1, np.int64)            # the last entry: out of range
+        table[ids] = np.arange(len(ids))
+        return table[np.clip(values, -1, ids[-1] + 1)]
+    pos = np.searchsorted(ids, values).clip(max=len(ids) - 1)
+    return np.where(ids[pos] == values, pos, -1)
+
+
 def load_release(root: str, name: Optional[str] = None) -> IJBRelease:
     """Read and check an IJB release's meta files (see the module docstring); images are only
     listed. Cost: ~1 s per 500k images plus ~4 s per 15M pairs, one core."""
@@ -234,7 +243,7 @@ def load_release(root: str, name: Optional[str] = None) -> IJBRelease:
                                               _ints, ignored)
     lm_names, lm_lines, lm_values = _read_image_lines(
         paths["landmarks"], "image x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 detector_score",
-        _finite_floats, ignored)
+        _floats, ignored)
     if not names:
         raise IJBError(f"{paths['tid_mid']}: no images")
     where = {n: k for k, n in enumerate(lm_names)}
@@ -250,9 +259,13 @@ def load_release(root: str, name: Optional[str] = None) -> IJBRelease:
         ignored[key] = len(lm_names) - len(names)
     values = np.asarray(lm_values, np.float64)[rows]                     # (N, 11)
     landmarks = values[:, :10].reshape(-1, 5, 2)
+    image_lines = np.asarray(lm_lines, np.int64)[rows]
+    bad = np.flatnonzero(~np.isfinite(values).all(1))
+    if bad.size:
+        raise IJBError(f"{paths['landmarks']}:{image_lines[bad[0]]}: a value of {names[bad[0]]} "
+                       "is not finite (nan or inf)")
     spread = ((landmarks - landmarks.mean(1, keepdims=True)) ** 2).sum((1, 2))
     flat = np.flatnonzero(spread <= 1e-12)
-    image_lines = np.asarray(lm_lines, np.int64)[rows]
     if flat.size:
         raise IJBError(f"{paths['landmarks']}:{image_lines[flat[0]]}: the 5 landmarks of "
                        f"{names[flat[0]]} are one point: no alignment is possible")
@@ -266,12 +279,11 @@ def load_release(root: str, name: Optional[str] = None) -> IJBRelease:
     if bad.size:
         raise IJBError(f"{paths['pairs']}:{_line_of_row(paths['pairs'], int(bad[0]))}: label "
                        f"{labels[bad[0]]}, expected 1 (same person) or 0 (not)")
-    pairs = np.searchsorted(template_ids, table[:, :2])                   # (P, 2)
-    unknown = np.flatnonzero((template_ids[np.minimum(pairs, len(template_ids) - 1)]
-                              != table[:, :2]).any(1))
+    pairs = _rows_of(template_ids, table[:, :2])                          # (P, 2)
+    unknown = np.flatnonzero((pairs < 0).any(1))
     if unknown.size:
         row = int(unknown[0])
-        t = next(int(x) for x in table[row, :2] if x not in template_ids)
+        t = table[row, int(pairs[row, 0] >= 0)]
         raise IJBError(f"{paths['pairs']}:{_line_of_row(paths['pairs'], row)}: template {t} "
                        f"has no image in {paths['tid_mid']}")
     labels = labels.astype(bool)
@@ -372,7 +384,7 @@ def embed_release(model, release: IJBRelease, image_size: int, *, batch_size: in
 
 # -- the protocol --------------------------------------------------------------------------
 _BLOCK = 1 << 16
-"""Rows per block of the pooling and the scoring: (2^16, 512) float64 = 268 MB per operand."""
+"""Images per block of the pooling: (2^16, 512) float64 = 268 MB."""
 
 
 def pool_templates(features, templates: np.ndarray, medias: np.ndarray,
@@ -404,15 +416,27 @@ def pool_templates(features, templates: np.ndarray, medias: np.ndarray,
     return template_ids, torch.nn.functional.normalize(out, dim=1)
 
 
-def score_pairs(template_features: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
+def score_pairs(template_features: torch.Tensor, pairs: np.ndarray, tile: int = 1024
+                ) -> np.ndarray:
     """(P,) float64 cosine of each pair's two rows of `template_features` (T, D), normalized;
-    `pairs` (P, 2) row indices. Blocks of 2^16 pairs (never a P x D matrix)."""
+    `pairs` (P, 2) row indices.
+
+    Computed as tiles of the Gram matrix: `tile` templates against all T (one matmul), from
+    which the pairs whose first template lies in the tile are read. Cost: T^2 D multiply-adds
+    whatever P (IJB-C: 23,124^2 x 512 = 2.7e11, ~45 s on one core of the test machine) and a
+    tile x T float64 block (190 MB). Gathering both rows of every pair instead reads P x D x 16
+    bytes (IJB-C: 128 GB) and took 225 s there: IJB's pairs are dense (6% of all template pairs)."""
+    first = np.asarray(pairs[:, 0], np.int64)
+    order = np.argsort(first)
+    starts = list(range(0, template_features.shape[0], tile))
+    bounds = np.searchsorted(first[order], starts + [template_features.shape[0]])
+    columns = template_features.T.contiguous()                            # (D, T)
     scores = np.empty(len(pairs), np.float64)
-    for s in range(0, len(pairs), _BLOCK):
-        idx = torch.from_numpy(np.ascontiguousarray(pairs[s:s + _BLOCK], np.int64))
-        a = template_features.index_select(0, idx[:, 0])                  # (B, D)
-        b = template_features.index_select(0, idx[:, 1])
-        scores[s:s + len(idx)] = torch.einsum("ij,ij->i", a, b).numpy()
+    for k, start in enumerate(starts):
+        rows = order[bounds[k]:bounds[k + 1]]
+        if rows.size:
+            gram = (template_features[start:start + tile] @ columns).numpy()  # (tile, T)
+            scores[rows] = gram[first[rows] - start, pairs[rows, 1]]
     return scores
 
 
@@ -423,7 +447,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray
     middle of a straight segment dropped, (0, 0) at threshold inf first. Cost: one sort."""
     y = np.asarray(labels, bool)
     s = np.asarray(scores, np.float64)
-    order = np.argsort(s, kind="stable")[::-1]
+    order = np.argsort(s)[::-1]                # ties end up in one point: any order
     s, y = s[order], y[order]
     ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]     # last index of each distinct score
     tps = np.cumsum(y, dtype=np.float64)[ends]

@@ -162,6 +162,30 @@ def test_warp_equals_opencv():
         assert (ref == 0).all(2).mean() > 0.2
 
 
+INSIGHTFACE_DST = [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                   [41.5493, 92.3655], [70.7299, 92.2041]]    # arcface_torch's, for 112 x 112
+
+
+def test_reference_points_follow_the_resized_crop():
+    """At 112 the points are insightface's; at another size the aligned crop is the 112 crop
+    resized (PIL bilinear, as training resizes 112 x 112 data). Bugs caught: a typo in the
+    points, scaling them by size / 112 without the half-pixel grid shift, not scaling them."""
+    from PIL import Image
+    cv2 = require_extra("cv2")
+    np.testing.assert_array_equal(reference_points(112), INSIGHTFACE_DST)
+    rng = np.random.default_rng(5)
+    crop = _smooth_image(rng, 112, 112)
+    m = _random_similarity(rng, scale=(0.9, 1.1), size=112, loose=(150, 140))
+    loose = cv2.warpAffine(crop, m, (140, 150), borderValue=0)
+    landmarks = _apply(m, np.array(INSIGHTFACE_DST))
+    for size in (224, 168):    # upsampling: PIL's bilinear is then plain bilinear
+        ref = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR), float)
+        inner = slice(size // 8, size - size // 8)
+        err = np.abs(align_face(loose, landmarks, size) - ref)[inner, inner].mean()
+        # two interpolations: ~2 grey levels; without the grid shift 5-8, unscaled far more
+        assert err < 3.0, (size, err)
+
+
 def test_alignment_round_trip():
     """A crop placed into a larger image by a known similarity comes back from its landmarks.
     Bugs caught: landmarks x/y swapped, reference points not scaled to the input size (or
@@ -375,23 +399,28 @@ def test_two_ranks_equal_one(release):
 
 
 def _ranks_bad_image(rank, world_size, root):
+    model, calls = _model(), []
+    model.register_forward_hook(lambda *_: calls.append(1))
     try:
-        evaluate_ijb(_model(), root, SIZE, batch_size=8)
+        evaluate_ijb(model, root, SIZE, batch_size=8)
     except Exception as exc:  # noqa: BLE001 - the test looks at which error each rank got
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"{type(exc).__name__}: {exc}", len(calls)
+    return None, len(calls)
 
 
 def test_undecodable_image_on_one_rank_stops_both(release, tmp_path):
     """The last image (rank 1's slice) is not a JPEG: rank 1 names the file and its landmark
-    line, rank 0 stops naming rank 1 - after both ran their forward calls (no hang)."""
+    line, rank 0 stops naming rank 1 - after both ran as many forward calls (under ZeRO-3 a
+    rank that stopped calling forward would hang the others: the bug this guards against)."""
     root, info = release
     bad = str(tmp_path / "IJBC")
     shutil.copytree(root, bad)
     last = info["images"][-1][0]
     with open(os.path.join(bad, "loose_crop", last), "wb") as f:
         f.write(b"\xff\xd8\xff" + b"not a jpeg" * 10)
-    errors = run_ranks(2, _ranks_bad_image, bad)
+    (error0, calls0), (error1, calls1) = run_ranks(2, _ranks_bad_image, bad)
+    errors = [error0, error1]
+    assert calls0 == calls1 == -(-(len(info["images"]) // 2) // 8)
     n = len(info["images"])
     assert errors[1].startswith("IJBError: ") and f"loose_crop/{last} cannot be read" in errors[1]
     assert f"ijbc_name_5pts_score.txt:{n}" in errors[1]
@@ -452,6 +481,17 @@ def test_bad_release_names_file_and_line(release, tmp_path, what, edit, match):
     edit(os.path.join(bad, "meta"))
     with pytest.raises(IJBError, match=match):
         load_release(bad)
+
+
+def test_template_rows_dense_and_sparse_ids():
+    """Pair template ids -> rows, -1 where unknown, by the lookup table (IJB's small ids) and
+    by binary search (ids up to 1e12)."""
+    from hybrid_fc.evaluation.ijb import _rows_of
+    values = np.array([[2, 9], [5, 10], [-3, 2], [1, 5]])
+    assert _rows_of(np.array([2, 5, 9]), values).tolist() == [[0, 2], [1, -1], [-1, 0],
+                                                               [-1, 1]]
+    assert _rows_of(np.array([2, 5, 10 ** 12]), np.array([[2, 10 ** 12], [3, 5]])).tolist() == [
+        [0, 2], [-1, 1]]
 
 
 def test_release_folder_choice_and_counted_repeats(release, tmp_path):

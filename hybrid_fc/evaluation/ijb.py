@@ -32,7 +32,9 @@ Where this differs from insightface (the README lists the same):
     identical repeated line is counted and ignored. Images are joined to their landmarks by
     name (insightface pairs the two files' lines by position).
   * JPEG decoding by libjpeg-turbo (simplejpeg) or PIL instead of cv2.imread; the warp is a
-    float64 cv2.warpAffine (within one grey level of it).
+    float64 cv2.warpAffine (within one grey level of it); pooling sums in float64 where
+    insightface averages frames in float32 (scores ~1e-8 apart); at input sizes other than 112
+    the reference points follow the resized crop (hybrid_fc.evaluation.align).
 
 Distribution: rank r of W aligns and embeds the contiguous slice split_span(N, r, W) of the
 images, one batch at a time (decoded images live for one batch; `workers` DataLoader
@@ -558,7 +560,7 @@ def format_ijb_table(results: Sequence[IJBResult], title: Optional[str] = None) 
             starred |= mark == "*"
             cells.append(f"{100 * r.tar_at_far[f]:8.2f}{mark}")
         lines.append(f"{r.name:<10}{r.images:>9}{r.templates:>10}{r.pairs:>10}"
-                     + "".join(cells) + f"{100 * r.auc:8.2f} ")
+                     + "".join(cells) + f"{100 * r.auc:9.2f}")
     if starred:
         lines.append("* fewer than 1/FAR impostor pairs: insightface's nearest ROC point, not a "
                      "TAR at this FAR (null in --json)")

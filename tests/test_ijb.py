@@ -3,9 +3,9 @@ bad releases.
 
 The release is synthetic and written here in insightface's layout: identities are smooth
 random 32x32 "faces" (80% of their texture shared, so that a random network's TAR is below
-100%), each image one of them (plus noise) placed into a 48x56 loose crop by a known random
-similarity transform (cv2.warpAffine), its 5 landmarks the reference points moved by that
-transform. References are independent of hybrid_fc.evaluation: OpenCV's warpAffine, a
+100%), each image one of them (plus noise, at a random contrast, so that feature norms differ)
+placed into a 48x56 loose crop by a known random similarity transform (cv2.warpAffine), its 5
+landmarks the reference points moved by that transform. References are independent of hybrid_fc.evaluation: OpenCV's warpAffine, a
 least-squares similarity by np.linalg.lstsq, PIL decoding, the backbone called directly,
 insightface's pooling / scoring / TAR loops transcribed from eval_ijbc.py, and sklearn's
 roc_curve and auc.
@@ -53,32 +53,36 @@ def _apply(matrix, points):
     return points @ matrix[:, :2].T + matrix[:, 2]
 
 
-def write_release(root, name="ijbc", seed=0, size=SIZE):
-    """An insightface-layout release in `root`: IDENTITIES x TEMPLATES_PER_ID templates of 1-3
-    media of 1-3 frames, every template pair listed (label: same identity). Returns
-    {"images": [(file, template, media, landmarks (5, 2), score)], "pairs": (P, 3)}."""
+def write_release(root, name="ijbc", seed=0, size=SIZE, loose=(LOOSE_H, LOOSE_W),
+                  identities=IDENTITIES):
+    """An insightface-layout release in `root`: identities x TEMPLATES_PER_ID templates of 1-3
+    media of 1-3 frames, faces of size x size in loose (H, W) crops, every template pair listed
+    (label: same identity). Returns {"images": [(file, template, media, landmarks (5, 2),
+    score)], "pairs": (P, 3)}. benchmarks/RESULTS.md's IJB set is write_release(root,
+    size=112, loose=(160, 144), identities=30)."""
     from PIL import Image
     cv2 = require_extra("cv2")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "loose_crop"))
     os.makedirs(os.path.join(root, "meta"))
     base = _smooth_image(rng, size, size).astype(np.float64)   # shared: TAR stays below 100%
-    faces = [0.8 * base + 0.2 * _smooth_image(rng, size, size) for _ in range(IDENTITIES)]
+    faces = [0.8 * base + 0.2 * _smooth_image(rng, size, size) for _ in range(identities)]
     ref = reference_points(size)
     images, media, template_of = [], 100, {}
-    for ident in range(IDENTITIES):
+    for ident in range(identities):
         for k in range(TEMPLATES_PER_ID):
             template = 1 + ident * TEMPLATES_PER_ID + k
             template_of[template] = ident
             for _ in range(rng.integers(1, 4)):
                 media += 1
                 for _ in range(rng.integers(1, 4)):
-                    crop = np.clip(faces[ident] + rng.normal(0, 12, faces[ident].shape), 0, 255)
-                    m = _random_similarity(rng)
-                    loose = cv2.warpAffine(crop.astype(np.uint8), m, (LOOSE_W, LOOSE_H),
+                    crop = faces[ident] + rng.normal(0, 12, faces[ident].shape)
+                    crop = np.clip(128 + (crop - 128) * rng.uniform(0.2, 1.5), 0, 255)
+                    m = _random_similarity(rng, size=size, loose=loose)
+                    image = cv2.warpAffine(crop.astype(np.uint8), m, (loose[1], loose[0]),
                                            borderValue=0)
                     fname = f"{len(images) + 1}.jpg"
-                    Image.fromarray(loose).save(os.path.join(root, "loose_crop", fname),
+                    Image.fromarray(image).save(os.path.join(root, "loose_crop", fname),
                                                 quality=95)
                     landmarks = np.round(_apply(m, ref), 3)
                     score = round(float(rng.choice([0.1, rng.uniform(0.3, 1.0)], p=[0.1, 0.9])),
@@ -342,8 +346,8 @@ def test_release_end_to_end_against_insightface_transcription(release):
     """Features of the package's decode + align + flip TTA against the independent pipeline,
     then pooling, scores, TAR and AUC against eval_ijbc.py's loops on the same features.
     Bugs caught: landmarks read as (y, x), flip TTA dropped, features normalized per image by
-    default, media/template pooling or detector weights wrong, an unnormalized template,
-    the pairs' template ids mapped to the wrong rows."""
+    default, media/template pooling or detector weights wrong (or read from another field), an
+    unnormalized template, the pairs' template ids mapped to the wrong rows."""
     root, info = release
     model = _model()
     rel = load_release(root)
@@ -355,7 +359,7 @@ def test_release_end_to_end_against_insightface_transcription(release):
     # features agree to ~1% of their norm (a (y, x) or flip bug moves them by ~50%)
     scale = np.linalg.norm(ref, axis=1, keepdims=True)
     assert np.abs(features.numpy() - ref).max() / scale.min() < 0.02
-    result = evaluate_ijb(model, root, SIZE, batch_size=16)
+    result = evaluate_ijb(model, root, SIZE, batch_size=16, workers=1)
     tfeats, scores = _reference_protocol(features.numpy(), info)
     _, ours = pool_templates(features, rel.templates, rel.medias, rel.detector_scores)
     # insightface's np.mean over float32 frames accumulates in float32, pool_templates in
@@ -365,9 +369,11 @@ def test_release_end_to_end_against_insightface_transcription(release):
     ref_tar, ref_auc = _insightface_tar(info["pairs"][:, 2], scores)
     assert result.tar_at_far == ref_tar and result.auc == pytest.approx(ref_auc, abs=1e-12)
     assert (result.pairs, result.genuine) == (len(info["pairs"]), int(info["pairs"][:, 2].sum()))
-    # the detector scores change the result here (10% of the images score 0.1)
+    # the detector scores change the result here (10% of the images score 0.1), and so does
+    # normalizing each image's feature (insightface's N0 mode, not its default)
     _, plain = _reference_protocol(features.numpy(), info, detector_score=False)
     assert not np.allclose(plain, scores, atol=1e-3)
+    assert evaluate_ijb(model, rel, SIZE, normalize_images=True).auc != result.auc
     assert 0.5 < result.auc <= 1.0 and seconds > 0 and result.images_per_s > 0
 
 

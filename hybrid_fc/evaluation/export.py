@@ -41,7 +41,7 @@ from ..training.checkpoint import (CheckpointError, backbone_file, deepspeed_mod
 __all__ = ["CheckpointError", "OnnxExportError", "resolve_checkpoint", "load_backbone_weights",
            "load_backbone", "load_for_inference", "save_backbone", "export_class_centers",
            "export_onnx", "check_onnx", "import_factory", "add_checkpoint_args",
-           "model_overrides"]
+           "model_overrides", "OnnxBackbone", "load_onnx_for_inference"]
 
 class OnnxExportError(RuntimeError):
     """The backbone cannot be exported to ONNX with a dynamic batch, or the file disagrees
@@ -118,11 +118,20 @@ def import_factory(spec: str):
     return obj
 
 
-def add_checkpoint_args(parser, checkpoint_help: str = "run folder, tag folder or backbone.pt"
-                        ) -> None:
+def add_checkpoint_args(parser, checkpoint_help: str = "run folder, tag folder or backbone.pt",
+                        onnx: bool = False) -> None:
     """The arguments every script that reads a trained backbone takes (eval, export, extract):
-    where the checkpoint is, and the model it holds when its saved config does not say."""
-    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    where the checkpoint is, and the model it holds when its saved config does not say.
+    onnx: `--onnx model.onnx` is accepted instead of --checkpoint (exactly one of the two)."""
+    if onnx:
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("--checkpoint", help=checkpoint_help)
+        source.add_argument("--onnx", metavar="MODEL.onnx",
+                            help="an ONNX embedding model instead of a checkpoint (run with "
+                                 "onnxruntime on the CPU): one exported by launch/export.py or "
+                                 "any insightface-style model (NCHW RGB input)")
+    else:
+        parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the run's latest)")
     parser.add_argument("--backbone", default=None,
                         help="registry backbone name: overrides / supplies the saved model config")
@@ -237,14 +246,19 @@ def load_for_inference(path: str, tag: Optional[str] = None, trust_checkpoint: b
     Under a launcher (deepspeed / torchrun: WORLD_SIZE > 1 in the environment) it first joins
     the process group (deepspeed.init_distributed reads the launcher's variables) and uses the
     GPU LOCAL_RANK when there are GPUs; alone it stays single-process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        with starting_up():  # DeepSpeed's CPU op is built or loaded in here
-            join_process_group(standalone=False)
+    _join_if_launched()
     model, cfg = load_backbone(path, tag, trust_checkpoint, **model_overrides)
     _check_input_size(model, int(cfg["input_size"]), cfg["backbone"], path)
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
     return model.to(device), cfg
+
+
+def _join_if_launched() -> None:
+    """Under a launcher (WORLD_SIZE > 1) join its process group; alone, nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        with starting_up():  # DeepSpeed's CPU op is built or loaded in here
+            join_process_group(standalone=False)
 
 
 def save_backbone(path: str, out: str, tag: Optional[str] = None, trust_checkpoint: bool = False,
@@ -400,3 +414,94 @@ def check_onnx(path: str, model: nn.Module, input_size: int,
         raise OnnxExportError(f"{path}: onnxruntime embeddings differ from PyTorch by {worst:.3g} "
                               f"(normalized, max abs) > atol {atol:g}")
     return worst
+
+
+class OnnxBackbone(nn.Module):
+    """An ONNX embedding model as a backbone: (B, 3, S, S) float32 normalized as in training ->
+    (B, D) float32, run by onnxruntime on the CPU. No parameters: the evaluation code
+    (embed_images, evaluate, evaluate_ijb) runs on it unchanged.
+
+    Input: the first graph input, NCHW RGB. Its pixel normalization is found the way
+    insightface's ONNX evaluation (arcface_torch/onnx_helper.py, the ICCV21-MFR checker) finds
+    it: `pixel_norm.txt` beside the model (two lines: mean, std), else a graph that starts with
+    Sub and Mul nodes (MXNet-converted models) normalizes itself (mean 0, std 1), else
+    (x - 127.5) / 127.5, which is this project's convention (launch/export.py's files). The size
+    S comes from the input's static H = W, or `input_size` when they are dynamic. A static batch
+    dimension is served in chunks of that size. Threads: torch's (OMP_NUM_THREADS) per rank."""
+
+    def __init__(self, path: str, input_size: Optional[int] = None):
+        super().__init__()
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ValueError(f"--onnx needs onnx and onnxruntime (pip install onnx onnxruntime): "
+                             f"{exc}") from None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ONNX model {path} does not exist")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(path, options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own error types: not an ONNX file, bad graph
+            raise ValueError(f"{path}: onnxruntime cannot load it: {exc}") from None
+        inp, outputs = self.session.get_inputs()[0], self.session.get_outputs()
+        shape = list(inp.shape)
+        if len(shape) != 4 or shape[1] != 3:
+            raise ValueError(f"{path}: input {inp.name!r} has shape {shape}, expected "
+                             "(batch, 3, H, W)")
+        h, w = shape[2:]
+        static = isinstance(h, int) and isinstance(w, int)
+        if static and (h != w or (input_size is not None and input_size != h)):
+            raise ValueError(f"{path}: input {inp.name!r} is {h}x{w}; expected a square input"
+                             + (f" of --input-size {input_size}" if input_size else ""))
+        if not static and input_size is None:
+            raise ValueError(f"{path}: input {inp.name!r} has dynamic height/width {shape[2:]}: "
+                             "pass --input-size")
+        self.input_size = int(h) if static else int(input_size)
+        self.input_name, self.output_name = inp.name, outputs[0].name
+        self.batch = shape[0] if isinstance(shape[0], int) else None
+        dim = outputs[0].shape[-1] if len(outputs[0].shape) == 2 else None
+        self.embedding_size = dim if isinstance(dim, int) else None
+        norm_file = os.path.join(os.path.dirname(os.path.abspath(path)), "pixel_norm.txt")
+        if os.path.isfile(norm_file):
+            with open(norm_file) as f:
+                text = f.read()
+            try:
+                self.mean, self.std = (float(x) for x in text.split())
+            except ValueError:
+                raise ValueError(f"{norm_file}: expected two numbers (mean, std)") from None
+        else:
+            first = [n.name for n in onnx.load(path, load_external_data=False).graph.node[:8]]
+            builtin = (any(n.startswith(("Sub", "_minus")) for n in first)
+                       and any(n.startswith(("Mul", "_mul")) for n in first))
+            self.mean, self.std = (0.0, 1.0) if builtin else (127.5, 127.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cost: one onnxruntime run per call (per chunk of a static batch) and two host
+        copies of the batch."""
+        arr = x.detach().float().cpu().numpy()                 # (B, 3, S, S), (p - 127.5) / 127.5
+        if (self.mean, self.std) != (127.5, 127.5):
+            arr = (arr * 127.5 + 127.5 - self.mean) / self.std
+        step = self.batch or len(arr)
+        outs = []
+        for s in range(0, len(arr), step):
+            chunk = arr[s:s + step]
+            if len(chunk) < step:                               # a static batch: pad the last
+                chunk = np.concatenate([chunk, np.zeros((step - len(chunk),) + chunk.shape[1:],
+                                                        chunk.dtype)])
+            out = self.session.run([self.output_name], {self.input_name: chunk})[0]
+            outs.append(out[:len(arr) - s])
+        return torch.from_numpy(np.concatenate(outs)).to(x.device)
+
+
+def load_onnx_for_inference(path: str, input_size: Optional[int] = None
+                            ) -> Tuple[OnnxBackbone, Dict[str, Any]]:
+    """An OnnxBackbone and its model config ({"backbone": "onnx:<file>", "input_size",
+    "embedding_size"}), after joining the launcher's process group like load_for_inference."""
+    _join_if_launched()
+    model = OnnxBackbone(path, input_size)
+    return model, {"backbone": f"onnx:{os.path.basename(path)}", "input_size": model.input_size,
+                   "embedding_size": model.embedding_size}

@@ -228,11 +228,13 @@ def _device_dtype(module) -> Tuple[torch.device, torch.dtype]:
 
 @torch.no_grad()
 def embed_images(model, images: torch.Tensor, batch_size: int = 64, flip: bool = True,
-                 num_calls: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 num_calls: Optional[int] = None, normalize: bool = True
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """uint8 (n, 3, S, S) -> (embeddings (n, D) fp32, L2-normalized; raw norms (n,) fp32).
 
     With flip the embedding is f(x) + f(mirror(x)) before normalization (one forward of 2B
-    images per batch). The model runs in eval mode and is put back in its previous mode.
+    images per batch). normalize=False returns it unnormalized (IJB templates weight each
+    image by its norm). The model runs in eval mode and is put back in its previous mode.
     num_calls: run exactly this many forward calls (padding with one-image dummy batches when
     the images run out) so that every rank of a ZeRO-3 group calls forward equally often."""
     from hybrid_fc.data.decode import augment
@@ -262,7 +264,7 @@ def embed_images(model, images: torch.Tensor, batch_size: int = 64, flip: bool =
                 raw = e = module(x).float()
             if not dummy:
                 norms.append(raw.norm(dim=1))
-                embs.append(torch.nn.functional.normalize(e, dim=1))
+                embs.append(torch.nn.functional.normalize(e, dim=1) if normalize else e)
     finally:
         module.train(was_training)
     if not embs:

@@ -63,8 +63,6 @@ def agree_on_error(error: Optional[BaseException], group=None) -> None:
         return
     if all_ranks_true(error is None, group):
         return
-    if group_size(group) == 1:  # also without a process group: a single process
-        raise error
     text = None if error is None else f"{type(error).__name__}: {error}"
     texts = [None] * group_size(group)
     dist.all_gather_object(texts, text, group=group)

@@ -187,7 +187,8 @@ def test_sigterm_or_ctrl_c_on_one_node_saves_and_resumes_bit_exact(tmp_path, sha
 
     def stopped(procs, signame, codes):
         logs = [p.communicate(timeout=120)[0] for p in procs]
-        assert [p.returncode for p in procs] == codes, "\n\n".join(x[-3000:] for x in logs)
+        assert all(p.returncode in ok for p, ok in zip(procs, codes)), (
+            [p.returncode for p in procs], "\n\n".join(x[-3000:] for x in logs))
         latest = open(os.path.join(out, "latest")).read()
         for log in logs:   # one line per rank, and no traceback on either node
             said = [line for line in log.splitlines() if f"stopped by {signame}" in line]
@@ -207,12 +208,13 @@ def test_sigterm_or_ctrl_c_on_one_node_saves_and_resumes_bit_exact(tmp_path, sha
                  and "deepspeed.launcher" not in " ".join(c.cmdline())]  # the rank itself
         assert len(rank1) == 1
         rank1[0].send_signal(signal.SIGTERM)
-        first = stopped(procs, "SIGTERM", [143, 143])
+        first = stopped(procs, "SIGTERM", [(143,), (143,)])
         procs = start_both()
         assert _wait_for_records(metrics, "train", 2, procs)
         os.killpg(procs[0].pid, signal.SIGINT)   # Ctrl-C in node 0's terminal
-        # node 0's launcher ends its rank (which saves first) and exits 1; node 1's rank 130
-        second = stopped(procs, "SIGINT", [1, 130])
+        # node 0's launcher ends its rank (which saves first), then dies of the SIGINT (or
+        # exits 1); node 1's rank stops with 130, which its launcher passes on
+        second = stopped(procs, "SIGINT", [(1, -2), (130,)])
         assert 2 <= first < second < 8
         procs = start_both()
         logs = [p.communicate(timeout=300)[0] for p in procs]

@@ -8,14 +8,15 @@ Backends: gloo (CPU tests) and NCCL (GPUs). gloo has no reduce-scatter, so there
 backward is an all-reduce followed by taking the local slice (same result, W times the
 traffic); NCCL uses reduce_scatter_tensor.
 """
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "group_rank", "group_size", "gather_batch_meta", "all_gather_varlen", "all_gather_rows",
-    "scale_grad", "all_reduce", "sync_buffers", "comm_device", "all_ranks_true",
+    "scale_grad", "all_reduce", "sync_buffers", "averaged_buffers", "comm_device",
+    "all_ranks_true",
     "agree_on_error", "RankFailed",
 ]
 
@@ -89,40 +90,55 @@ def gather_batch_meta(meta: torch.Tensor, group) -> List[List[int]]:
 
 
 @torch.no_grad()
-def sync_buffers(module: torch.nn.Module, group=None) -> None:
-    """Make a data-parallel module's buffers equal on every rank of `group`, in place.
+def averaged_buffers(module: torch.nn.Module, group=None) -> Dict[str, torch.Tensor]:
+    """The buffers of a data-parallel module as one model holds them: {name: a new tensor},
+    the module untouched.
 
-    BatchNorm running means and variances become their mean over the ranks: each rank's copy
-    saw only its own batches, and DeepSpeed (unlike DDP's default) never broadcasts buffers, so
-    without this the ranks evaluate different models and a checkpoint keeps rank 0's alone.
-    Every other buffer (num_batches_tracked, constant tables) becomes rank 0's copy, bit for bit.
-    Collective; cost: one all-reduce of all BatchNorm statistics (flattened, fp32) and one
-    broadcast per other buffer dtype (iresnet100: ~0.1 M floats in all).
-    """
+    BatchNorm running means and variances are their mean over the ranks of `group`: each rank's
+    copy saw only its own batches, and DeepSpeed (unlike DDP's default) never broadcasts
+    buffers, so the ranks' copies differ. Every other buffer (num_batches_tracked, constant
+    tables) is rank 0's, bit for bit. Collective; cost: one all-reduce of all BatchNorm
+    statistics (flattened, fp32) and one broadcast per other buffer dtype (iresnet100: ~0.1 M
+    floats in all)."""
     world = group_size(group)
-    if world == 1:
-        return
     stats, others = [], {}
-    for m in module.modules():
+    for prefix, m in module.named_modules():
         bn = (isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
               and m.running_mean is not None)
         for name, b in m.named_buffers(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
             if bn and name in ("running_mean", "running_var") and b.is_floating_point():
-                stats.append(b)
+                stats.append((full, b))
             else:
-                others.setdefault((b.dtype, b.device), []).append(b)
+                others.setdefault((b.dtype, b.device), []).append((full, b))
+    out = {}
     if stats:
-        flat = torch.cat([b.reshape(-1).float() for b in stats])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat /= world
-        for b, v in zip(stats, flat.split([b.numel() for b in stats])):
-            b.copy_(v.view_as(b))
-    src = dist.get_global_rank(group, 0) if group is not None else 0
+        flat = torch.cat([b.reshape(-1).float() for _, b in stats])
+        if world > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            flat /= world
+        for (name, b), v in zip(stats, flat.split([b.numel() for _, b in stats])):
+            out[name] = v.view_as(b).to(b.dtype)
+    src = dist.get_global_rank(group, 0) if group is not None and world > 1 else 0
     for bufs in others.values():
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        dist.broadcast(flat, src=src, group=group)
-        for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
-            b.copy_(v.view_as(b))
+        flat = torch.cat([b.reshape(-1) for _, b in bufs])
+        if world > 1:
+            dist.broadcast(flat, src=src, group=group)
+        for (name, b), v in zip(bufs, flat.split([b.numel() for _, b in bufs])):
+            out[name] = v.view_as(b).clone()
+    return out
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module, group=None) -> None:
+    """Make a data-parallel module's buffers equal on every rank of `group`, in place: the
+    values of `averaged_buffers` (e.g. before every rank evaluates one model). Collective."""
+    if group_size(group) == 1:
+        return
+    values = averaged_buffers(module, group)
+    for name, b in module.named_buffers():
+        if name in values:
+            b.copy_(values[name])
 
 
 def _offsets(sizes: Sequence[int]) -> List[int]:

@@ -10,9 +10,12 @@ A run folder (`train.output_dir`; this module owns every file name in it):
 Layout of `save_dir/TAG/`:
   (DeepSpeed's own files)            engine.save_checkpoint: exact same-world-size resume
   hybrid/head-rank{r:05d}.pt         one per head rank: class range [start, start + num_local),
-                                     fp32 weight rows, head-optimizer state, sampler RNG state
+                                     weight rows as stored, head-optimizer state, sampler RNG
+                                     state; the rank's own backbone buffers and rank_state
+                                     (a same-size resume restores them)
   hybrid/backbone.pt                 rank 0: world-size-independent backbone state: fp32 master
-                                     weights, buffers and optimizer state keyed by parameter
+                                     weights, buffers (BatchNorm statistics averaged over the
+                                     ranks) and optimizer state keyed by parameter
                                      name (e.g. SGD momentum_buffer, AdamW exp_avg/exp_avg_sq),
                                      engine counters, loss scaler, DeepSpeed LR scheduler
   hybrid/meta.json                   rank 0: format, num_classes, embedding_size, world size,
@@ -41,6 +44,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..collectives import averaged_buffers
 from ..common import stable_seed
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_tag", "load_file", "prune_checkpoints",
@@ -615,12 +619,13 @@ def head_shards(save_dir: str, tag: str, meta: Dict[str, Any], start: int, end: 
 def _load_head(hybrid, load_dir: str, tag: str, meta: Dict[str, Any], same_layout: bool
                ) -> Any:
     """Fill this rank's head and head optimizer from the checkpoint's shards (any layout);
-    returns this rank's saved rank_state when the layout is the same, else None."""
+    returns (rank_state, the backbone buffers this rank had) of this rank's own shard when the
+    layout is the same, else (None, None)."""
     head, opt = hybrid.head, hybrid.head_optimizer
     start, end = head.class_start, head.class_start + head.num_local
     weight = torch.empty_like(head.weight, device="cpu")
     rows: Dict[str, torch.Tensor] = {}
-    scalars, groups, opt_class, rng, rank_state = None, None, None, None, None
+    scalars, groups, opt_class, rng, rank_state, buffers = None, None, None, None, None, None
     for shard, lo, hi in head_shards(load_dir, tag, meta, start, end):
         s = shard["class_start"]
         weight[lo - start:hi - start] = shard["weight"][lo - s:hi - s]
@@ -633,6 +638,7 @@ def _load_head(hybrid, load_dir: str, tag: str, meta: Dict[str, Any], same_layou
         opt_class = shard["optimizer"]["class"]
         if same_layout:
             rng, rank_state = shard["rng"], shard.get("rank_state")
+            buffers = shard.get("buffers")
     if type(opt).__name__ != opt_class and (rows or scalars):
         raise CheckpointMismatch(f"head optimizer is {type(opt).__name__} but the checkpoint "
                                  f"holds {opt_class} state")
@@ -653,7 +659,7 @@ def _load_head(hybrid, load_dir: str, tag: str, meta: Dict[str, Any], same_layou
         g = torch.Generator(device=device)
         g.manual_seed(stable_seed("resume", head.seed, meta["global_steps"], head.rank))
         head.set_rng_state({"state": g.get_state()})
-    return rank_state
+    return rank_state, buffers
 
 
 # -- public API ----------------------------------------------------------------------------
@@ -666,8 +672,9 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     rank_state: this rank's own picklable state (e.g. its data loader position), stored in its
       head shard and given back on a resume with the same number of ranks.
     Collective: every rank calls it. `latest` moves only after every rank's files exist.
-    BatchNorm running statistics are first averaged over the ranks (HybridEngine.sync_buffers),
-    so the saved backbone is the one every rank goes on training and evaluating with. The
+    The portable backbone holds the BatchNorm running statistics averaged over the ranks (one
+    model, for export and evaluation); each rank's own, which it goes on training with, are in
+    its head shard, so a same-size resume continues exactly as if no save had happened. The
     input size of the square images trained on is noted (client_state["model"], unless given),
     so export / eval / extract of an own backbone (`--model module:factory`) need no more."""
     engine, head = hybrid.engine, hybrid.head
@@ -680,8 +687,11 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
     folder = os.path.join(save_dir, tag)
     hfolder = os.path.join(folder, _HYBRID)
     rank = _global_rank()
-    hybrid.sync_buffers()            # collective: one set of BatchNorm statistics is saved
     bstate = backbone_state(engine)                                    # collective
+    # one set of BatchNorm statistics (the ranks' mean) for the portable backbone; the live
+    # model keeps each rank's own, which its head shard keeps for a same-size resume
+    bstate["buffers"] = {n: b.detach().cpu() for n, b in
+                         averaged_buffers(engine.module, head.process_group).items()}
     # Never a checkpoint of inf/nan weights: decided on every rank before anything is written.
     bad = [n for n, v in bstate["params"].items() if not bool(torch.isfinite(v).all())]
     if not bool(torch.isfinite(head.weight.detach()).all()):
@@ -707,6 +717,8 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
         del bstate
         shard = _head_shard(hybrid)
         shard["rank_state"] = rank_state
+        shard["buffers"] = {n: b.detach().cpu().clone()
+                            for n, b in engine.module.named_buffers()}
         _atomic_torch_save(shard, os.path.join(hfolder, _head_file(head.rank)))
         del shard
     except (CheckpointError, OSError) as exc:
@@ -873,7 +885,12 @@ def load_checkpoint(hybrid, load_dir: str, tag: Optional[str] = None,
     client_state = dict(client_state or {})
     same_layout = meta["world_size"] == head.world_size
     client_state["same_layout"] = same_layout
-    client_state["rank_state"] = _load_head(hybrid, load_dir, tag, meta, same_layout)
+    client_state["rank_state"], buffers = _load_head(hybrid, load_dir, tag, meta, same_layout)
+    if buffers:  # same layout: this rank's own BatchNorm statistics, as it left them
+        with torch.no_grad():
+            for name, b in engine.module.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name].to(b.device, b.dtype))
     if not same_layout:  # rank 0's data position, for the same fraction of the epoch
         shard = load_file(head_shard_file(load_dir, tag, 0), mmap=True)
         client_state["rank_state"] = shard.get("rank_state") if isinstance(shard, dict) else None

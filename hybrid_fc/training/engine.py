@@ -249,8 +249,9 @@ class HybridEngine:
     def sync_buffers(self) -> None:
         """Average the backbone's BatchNorm running statistics over the data-parallel ranks (other
         buffers: rank 0's), in place. Each rank's statistics follow only its own batches;
-        save_checkpoint and distributed evaluation call this so that every rank evaluates, and
-        the checkpoint keeps, one model. Collective (hybrid_fc.collectives.sync_buffers)."""
+        distributed evaluation calls this so that every rank evaluates one model (checkpoints
+        save the mean without changing the live model). Collective
+        (hybrid_fc.collectives.sync_buffers)."""
         sync_buffers(self.engine.module, self.head.process_group)
 
     def train(self, mode: bool = True):

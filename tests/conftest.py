@@ -69,3 +69,12 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The README's main job at toy size, run once for every test that needs a trained run
+    (tests/test_readme.py runs the block): (folder holding runs/quickstart, exit status,
+    output)."""
+    from test_readme import quickstart_block
+    return quickstart_block(tmp_path_factory)

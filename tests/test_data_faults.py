@@ -709,3 +709,20 @@ def test_extract_refuses_keys_that_are_no_line_of_text(tmp_path, key):
     kind, text = _extract_and_report(0, 1, src, str(tmp_path / "emb.npy"))
     assert kind == "ValueError" and re.search(r"src/s0\.tar: key .* cannot be a line of the keys "
                                               r"file", text), (kind, text)
+
+
+def test_extract_names_the_image_it_cannot_decode(tmp_path):
+    """Bug caught: an image extract could not decode was named by the batch's first key and its
+    position in the batch, not by its own key."""
+    from PIL import Image
+    from hybrid_fc.backbones import build_backbone
+    from hybrid_fc.evaluation import BinFileError, extract_embeddings
+    folder = tmp_path / "gallery" / "a"
+    folder.mkdir(parents=True)
+    for k in range(3):
+        Image.new("RGB", (16, 16), (k, 0, 0)).save(folder / f"{k}.jpg")
+    (folder / "9_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    model = build_backbone("mlp", 8, input_size=16).eval()
+    with pytest.raises(BinFileError, match=r"image 'a/9_broken\.jpg' cannot be decoded"):
+        extract_embeddings(model, str(tmp_path / "gallery"), str(tmp_path / "e.npy"), 16,
+                           batch_size=8)

@@ -154,6 +154,14 @@ def test_bf16_class_centers_export_as_fp32_and_say_so(tmp_path):
     got = np.load(path)
     assert got.dtype == np.float32 and np.array_equal(got, full.float().numpy())
     assert len(said) == 1 and "stored as bfloat16" in said[0] and "float32" in said[0]
+    # a shard of the wrong width: refused, and nothing loadable is left under the name (bug
+    # caught: centers.npy was written in place and kept its zero rows after the refusal)
+    torch.save({"class_start": 4, "num_local": 3, "weight": torch.zeros(3, 5)},
+               hdir / "head-rank00001.pt")
+    with pytest.raises(CheckpointError, match=r"head-rank00001\.pt holds classes \[4, 7\) of "
+                                              r"width 5; meta\.json says \[4, 7\) of width 4"):
+        export_class_centers(str(tmp_path / "run"), str(tmp_path / "bad.npy"))
+    assert sorted(os.listdir(tmp_path)) == ["c.npy", "run"]
 
 
 def test_checkpoint_without_backbone(tmp_path):

@@ -165,15 +165,20 @@ def test_converter_workers_exit_with_a_killed_parent(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "out") if ".tmp" in n]
 
 
-def test_yaml_section_that_is_not_a_mapping(tmp_path):
-    """Bug caught: `head: [1, 2]` gave a TypeError from deep inside the config loader."""
+@pytest.mark.parametrize("text, match", [
+    ("head: [1, 2]\n", r"bad\.yaml: section 'head' must be a mapping of keys"),
+    ("base: [a.yaml]\n", r"`base:` must name one YAML file"),
+    ("train:\n  steps: !!python/object/apply:os.system ['true']\n",
+     r"bad\.yaml: not a plain YAML mapping"),
+    ("train: [unclosed\n", r"bad\.yaml: not a plain YAML mapping"),
+])
+def test_yaml_errors_name_the_file(tmp_path, text, match):
+    """Bugs caught: `head: [1, 2]` gave a TypeError from deep inside the config loader; a
+    `!!python/object` tag or a YAML syntax error gave a traceback."""
     from hybrid_fc.training.config import load_config
     path = tmp_path / "bad.yaml"
-    path.write_text("head: [1, 2]\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml: section 'head' must be a mapping of keys"):
-        load_config(str(path))
-    path.write_text("base: [a.yaml]\n")
-    with pytest.raises(ValueError, match=r"`base:` must name one YAML file"):
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
         load_config(str(path))
 
 

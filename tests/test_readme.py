@@ -13,7 +13,8 @@ GitHub does not show: `<!-- test {...} -->` holding JSON:
   save_as   a python block is saved under this name, then `run` runs (else: `python FILE`)
   cwd       "root": run in the checkout (else a fresh folder holding launch/, ds_configs/,
             benchmarks/ and data/'s scripts)
-  check     files the block must leave; expect: strings its output must hold
+  check     files the block must leave; expect / absent: strings its output must / must not
+            hold; json: {file: [keys]} numbers a written JSON file must hold, each > 0
   note      why the stand-ins (people read it next to the block)
 A ```text block (printed output) and a plain ``` block (a tree) are not run.
 """
@@ -134,9 +135,9 @@ def _fake_slurm(work):
     return bin_dir
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The README's main job (its directive's stand-ins): a folder holding runs/quickstart."""
+def quickstart_block(tmp_path_factory):
+    """Run the README's main job (its directive's stand-ins) in a fresh folder: (folder, exit
+    status, output). conftest.py's session fixture `quickstart_run` calls it once."""
     directive, _, block = [b for b in _blocks()[1] if b[0]["id"] == "quickstart"][0]
     work = _workdir(str(tmp_path_factory.mktemp("readme_quickstart") / "w"))
     cmd = _apply(directive, block) + f" --master_port {free_port()}"
@@ -151,14 +152,14 @@ def _apply(directive, block):
     return block.replace("{port}", str(free_port())).replace("{port2}", str(free_port()))
 
 
-def _setup(item, work, cache, quickstart):
+def _setup(item, work, cache, quickstart_run):
     kind, *args = item.split()
     if kind == "shards":
         shutil.copytree(_shards(cache, int(args[1])), os.path.join(work, args[0]))
     elif kind == "image-folder":
         _image_folder(os.path.join(work, args[0]))
     elif kind == "trained":
-        qs_work, rc, out = quickstart
+        qs_work, rc, out = quickstart_run
         assert rc == 0, out[-3000:]
         os.makedirs(os.path.dirname(os.path.join(work, args[0])), exist_ok=True)
         os.symlink(os.path.join(qs_work, "runs", "quickstart"), os.path.join(work, args[0]))
@@ -179,29 +180,38 @@ def _setup(item, work, cache, quickstart):
 
 
 # -- the blocks ----------------------------------------------------------------------------------
-def test_quickstart_block(quickstart):
-    """The README's first command (stand-in: --short): trains, verifies, checkpoints, draws."""
-    work, rc, out = quickstart
+def test_quickstart_block(quickstart_run):
+    """The README's first command (stand-in: --short, the same job at toy size: 32 identities,
+    8 steps on 2 ranks): trains, verifies on held-out identities, checkpoints, draws."""
+    work, rc, out = quickstart_run
     assert rc == 0, out[-4000:]
     run = os.path.join(work, "runs", "quickstart")
-    for name in ("curves.png", "latest", "metrics.jsonl", "heldout_pairs.bin"):
+    for name in ("curves.png", "metrics.jsonl", "heldout_pairs.bin"):
         assert os.path.exists(os.path.join(run, name)), name
     from hybrid_fc.training.metrics import read_metrics
     train = read_metrics(run, "train")
     assert [r["step"] for r in train] == [2, 4, 6, 8] and train[-1]["loss"] < train[0]["loss"]
-    assert {r["set"] for r in read_metrics(run, "verify")} == {"heldout_pairs"}
-    assert "curves of the run:" in out and "start: 2 ranks" in out
+    verify = read_metrics(run, "verify")
+    assert [r["step"] for r in verify] == [4, 8] and verify[0]["set"] == "heldout_pairs"
+    assert open(os.path.join(run, "latest")).read() == "global_step8"
+    assert sorted(os.listdir(os.path.join(run, "global_step8", "hybrid"))) == [
+        "backbone.pt", "head-rank00000.pt", "head-rank00001.pt", "meta.json"]
+    assert "curves of the run:" in out and "start: 2 ranks" in out and "fresh start" in out
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:   # not installed: said once
+        assert out.count("tensorboard is not installed") == 1, out[-3000:]
+    assert "loss " in out and "over steps 2..8" in out      # its own "did the loss fall"
 
 
 @pytest.mark.parametrize("block_id", [d["id"] for d, _, _ in _blocks()[1]
                                       if d["id"] != "quickstart"])
-def test_readme_block(block_id, tmp_path, cache, quickstart):
+def test_readme_block(block_id, tmp_path, cache, quickstart_run):
     directive, lang, block = [b for b in _blocks()[1] if b[0]["id"] == block_id][0]
     root = directive.get("cwd") == "root"
     work = ROOT if root else _workdir(str(tmp_path / "w"))
     extra_path = None
     for item in directive.get("setup", []):
-        extra_path = _setup(item, work, cache, quickstart) or extra_path
+        extra_path = _setup(item, work, cache, quickstart_run) or extra_path
     code = _apply(directive, block)
     if lang == "python":
         name = directive.get("save_as", "block.py")
@@ -217,5 +227,11 @@ def test_readme_block(block_id, tmp_path, cache, quickstart):
         assert os.path.exists(os.path.join(work, path)), (block_id, path, out[-2000:])
     for text in directive.get("expect", []):
         assert text in out, (block_id, text, out[-2000:])
+    for text in directive.get("absent", []):
+        assert text not in out, (block_id, text, out[-2000:])
+    for name, keys in directive.get("json", {}).items():  # programs read files, not output
+        data = json.load(open(os.path.join(work, name)))
+        for key in keys:
+            assert data[key] > 0, (block_id, name, key, data)
     if extra_path:
         assert not os.path.exists(os.path.join(work, "requeued")), "a finished job requeued"

@@ -260,6 +260,7 @@ def _synthetic_resume_worker(rank, world_size, out):
     import shutil
     import torch.distributed as dist
     _main(out)                                               # 4 steps, checkpoints 2 and 4
+    dist.barrier()                                           # every rank is done reading
     if rank == 0:
         shutil.copytree(os.path.join(out, "global_step4"), os.path.join(out, "straight4"))
         with open(os.path.join(out, "latest"), "w") as f:
@@ -318,3 +319,21 @@ def test_a_run_whose_steps_all_overflow_stops():
     trainer.hybrid.step = lambda: True   # one applied step resets the count
     trainer._step()
     assert trainer.skipped_in_a_row == 0
+
+
+def _bad_data_worker(rank, world_size, out):
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        error = _error(_main, out, "model.backbone=iresnet100", "model.input_size=112",
+                       data=os.path.join(out, "no_such_shards"))
+    return error, printed.getvalue()
+
+
+def test_bad_data_fails_before_the_model_is_built(tmp_path):
+    """Bug caught: a wrong data.urls (or missing S3 credentials) failed only after the backbone
+    was built and DeepSpeed initialized (minutes for a real backbone on a GPU node)."""
+    error, printed = run_deepspeed_ranks(1, _bad_data_worker, str(tmp_path / "run"))[0]
+    assert error.startswith("ShardError") and "no_such_shards" in error, error
+    assert "memory plan" not in printed   # printed just before the backbone is built

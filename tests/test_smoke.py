@@ -1,12 +1,12 @@
 """Smoke runs of the README's commands and the benchmark scripts at toy sizes, as people run
 them (fresh processes, the real launchers), so that none of them can rot unnoticed:
 
-* launch/quickstart.py --short (which starts launch/train.py under `deepspeed --num_gpus 2`),
-* launch/export.py (plain python) on its checkpoint, launch/extract.py under
+* on the README's quickstart run (tests/test_readme.py runs the README's blocks themselves):
+  launch/export.py (plain python) on its checkpoint, launch/extract.py under
   `torchrun --nproc_per_node 2` on the exported backbone, launch/eval.py (plain python; under
   the deepspeed launcher in tests/test_export.py),
-* benchmarks/head_bench.py, benchmarks/data_bench.py (local disk and a local S3 server) and
-  benchmarks/learning_check.py with flags for a tiny shape.
+* benchmarks/data_bench.py (local disk and a local S3 server) and benchmarks/learning_check.py
+  with flags for a tiny shape (head_bench.py: a README block).
 
 Each asserts what the script promises to write or print, not only its exit status.
 """
@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import deepspeed  # noqa: F401  (conftest then builds DeepSpeed's JIT op once, up front)
 import numpy as np
@@ -41,27 +42,12 @@ def _run(args, cwd, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The README's main job at toy size: 32 identities x 8 images, 8 steps on 2 ranks."""
-    out = tmp_path_factory.mktemp("quickstart")
-    stdout, text = _run([sys.executable, os.path.join(ROOT, "launch", "quickstart.py"),
-                         "--short", "--out", str(out), "--master_port", str(free_port())],
-                        cwd=out)
-    return out, stdout
-
-
-def test_quickstart_short_trains_verifies_and_checkpoints(quickstart):
-    out, stdout = quickstart
-    assert "start: 2 ranks" in stdout and "fresh start" in stdout
-    assert "loss " in stdout and "over steps 2..8" in stdout      # its own "did the loss fall"
-    from hybrid_fc.training.metrics import read_metrics
-    train = read_metrics(str(out), "train")
-    assert [r["step"] for r in train] == [2, 4, 6, 8] and train[-1]["loss"] < train[0]["loss"]
-    verify = read_metrics(str(out), "verify")
-    assert [r["step"] for r in verify] == [4, 8] and verify[0]["set"] == "heldout_pairs"
-    assert (out / "latest").read_text() == "global_step8"
-    assert sorted(os.listdir(out / "global_step8" / "hybrid")) == [
-        "backbone.pt", "head-rank00000.pt", "head-rank00001.pt", "meta.json"]
+def quickstart(quickstart_run):
+    """The README's main job at toy size (conftest's quickstart_run): 32 identities x 8 images,
+    8 steps on 2 ranks; its run folder."""
+    work, rc, out = quickstart_run
+    assert rc == 0, out[-4000:]
+    return Path(work) / "runs" / "quickstart", out
 
 
 def test_export_extract_eval_command_lines(quickstart, tmp_path):
@@ -99,17 +85,6 @@ def test_export_extract_eval_command_lines(quickstart, tmp_path):
     assert result["name"] == "heldout_pairs" and result["num_pairs"] == 40
     assert result["accuracy"] == final["accuracy"] and result["threshold"] == final["threshold"]
     assert f"{100 * result['accuracy']:.2f}" in stdout
-
-
-def test_head_bench_tiny(tmp_path):
-    stdout, _ = _run([sys.executable, os.path.join(ROOT, "benchmarks", "head_bench.py"),
-                      "--classes", "2000", "--dim", "16", "--batch", "8", "--sample-rate",
-                      "0.5", "--world-size", "1", "--steps", "1", "--warmup", "1", "--json",
-                      str(tmp_path / "r.json")], cwd=tmp_path)
-    r = json.loads((tmp_path / "r.json").read_text())  # a file, never parsed from stdout
-    assert (r["classes"], r["dim"], r["world_size"]) == (2000, 16, 1)
-    for key in ("head_ms", "gemm_limit_ms", "baseline_ms", "peak_rss_gb", "planned_head_bytes"):
-        assert r[key] > 0, key
 
 
 def test_data_bench_tiny(tmp_path):

@@ -229,8 +229,9 @@ def _embed_block(model, source, part: str, rank: int, world: int, image_size: in
 
         def flush():
             nonlocal count, dim
-            images = decode_images([b for _, b, _, _ in batch], image_size,
-                                   where=f"{source}: the batch from key {batch[0][0]}")
+            images = decode_images([b for _, b, _, _ in batch], image_size, where=str(source),
+                                   names=[f"{key!r}" + (f" of {shard}" if shard else "")
+                                          for key, _, _, shard in batch])
             emb, _ = embed_images(model, images, batch_size, flip)
             fe.write(emb.cpu().numpy().astype(np.float32).tobytes())
             for key, _, _, shard in batch:

@@ -195,11 +195,12 @@ def load_pair_set(path: str) -> PairSet:
 
 # -- embedding ------------------------------------------------------------------------------------
 def decode_images(images: Sequence[bytes], image_size: int, where: str = "images",
-                  first_index: int = 0) -> torch.Tensor:
+                  first_index: int = 0, names: Optional[Sequence[str]] = None) -> torch.Tensor:
     """Encoded images -> uint8 (n, 3, S, S). Off-size images are resized (bilinear), as
     insightface resizes .bin images that do not match the model. Cost: one JPEG decode each
-    (~13k img/s/core with simplejpeg at 112x112, ~5k with PIL). Errors name the image as
-    first_index + its position (its index in the whole pair set)."""
+    (~13k img/s/core with simplejpeg at 112x112, ~5k with PIL). Errors name the image by
+    `names[i]` when given (a file or sample key), else as first_index + its position (its index
+    in the whole pair set)."""
     from hybrid_fc.data.decode import fit_size, make_decoder
     decode = make_decoder("auto")
     out = torch.empty((len(images), 3, image_size, image_size), dtype=torch.uint8)
@@ -207,7 +208,8 @@ def decode_images(images: Sequence[bytes], image_size: int, where: str = "images
         try:
             rgb = decode(data)
         except Exception as exc:
-            raise BinFileError(f"{where}: image {first_index + i} cannot be decoded "
+            which = names[i] if names is not None else first_index + i
+            raise BinFileError(f"{where}: image {which} cannot be decoded "
                                f"({type(exc).__name__}: {exc})") from None
         rgb = fit_size(rgb, (image_size, image_size))
         out[i] = torch.from_numpy(np.require(rgb, np.uint8, ["C", "W"])).permute(2, 0, 1)

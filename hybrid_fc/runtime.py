@@ -354,9 +354,10 @@ def _input_error(exc: BaseException) -> bool:
 
 def run_script(main, argv=None, status: bool = False) -> int:
     """A launch script's entry: main(argv), then the process group's clean end; returns the
-    exit status (with `status`, the int main returned; else 0). Logs stay readable on N ranks: a rank that stops because another failed
-    (RankFailed) prints one line naming that rank; an input error (a bad config field, file,
-    shard...) prints its message as one line per rank that raised it; anything else is a bug
+    exit status (with `status`, the int main returned; else 0). Logs stay readable on N ranks:
+    a rank that stops because another failed (RankFailed) prints one line naming that rank; an
+    input error (a bad config field, file, shard...) prints its message as one line per rank
+    that raised it; a preempted run its one line and 128 + the signal; anything else is a bug
     and keeps its traceback. `--verbose` (or HYBRID_FC_TRACEBACK=1) shows every traceback."""
     from .collectives import RankFailed
     verbose = "--verbose" in sys.argv[1:] or os.environ.get("HYBRID_FC_TRACEBACK") == "1"

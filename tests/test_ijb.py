@@ -617,7 +617,7 @@ def test_eval_errors_are_one_line(release, exported, tmp_path, capsys):
                                          "--ijb", bad]) == 1
     err = capsys.readouterr().err
     assert "IJBError: " in err and "ijbc_template_pair_label.txt:2: expected" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 2   # + the --verbose hint
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     for argv in (["--checkpoint", "x", "--onnx", "y.onnx", "--ijb", root], ["--ijb", root],
                  ["--checkpoint", "x"]):
         with pytest.raises(SystemExit):

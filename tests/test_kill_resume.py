@@ -95,6 +95,8 @@ def _assert_same_model(reference, run, why=""):
         assert all(torch.equal(x, y) for x, y in zip(a, b)), (name, why)
 
 
+# slow (~60 s): the SIGTERM / Ctrl-C test below covers resume exactness in the default run
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_the_same_command_is_bit_exact(tmp_path, shards,
                                                                        straight):
     from harness import free_port

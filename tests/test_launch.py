@@ -294,9 +294,12 @@ def test_a_config_error_is_one_line_per_rank_not_a_traceback(tmp_path):
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if "schedule.warmup_steps" in ln]
-    assert sorted(lines) == [f"hybrid_fc (rank {k}): error: ValueError: schedule.warmup_steps: "
-                             "must be <= train.steps (4), got 20 (--verbose or "
-                             "HYBRID_FC_TRACEBACK=1 shows the traceback)" for k in (0, 1)], r.stderr
+    # each rank that got to it says so in one line (the launcher ends the other rank once the
+    # first has exited: under load a slower rank may be stopped before it prints)
+    expected = {f"hybrid_fc (rank {k}): error: ValueError: schedule.warmup_steps: must be <= "
+                "train.steps (4), got 20 (--verbose or HYBRID_FC_TRACEBACK=1 shows the "
+                "traceback)" for k in (0, 1)}
+    assert lines and len(set(lines)) == len(lines) and set(lines) <= expected, r.stderr
     assert "Traceback" not in r.stderr
 
 

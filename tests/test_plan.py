@@ -12,6 +12,8 @@ from hybrid_fc.training.plan import (PlanInput, backbone_footprint, from_deepspe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# slow (~35 s): the planner's arithmetic is also checked by hand in the default run
+@pytest.mark.slow
 @pytest.mark.parametrize("weight, state, chunk, classes", [
     ("float32", "float32", None, 1_000_000),
     ("bfloat16", "int8", None, 2_000_000),

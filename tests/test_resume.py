@@ -71,9 +71,9 @@ def test_every_resume_change_is_applied_and_recorded_or_refused(tmp_path):
     margin / sample-rate / schedule changes accepted with no log line and no resume record."""
     r = run_deepspeed_ranks(1, _policy_worker, str(tmp_path / "run"))[0]
     e = r["errors"]
-    assert "ValueError: head_optim.state_dtype: the checkpoint" in e[("head_optim.state_dtype=int8",)]
-    assert "has head_optim.state_dtype='float32', this run says 'int8'" in \
-        e[("head_optim.state_dtype=int8",)]
+    state = e[("head_optim.state_dtype=int8",)]
+    assert "ValueError: head_optim.state_dtype: the checkpoint" in state
+    assert "has head_optim.state_dtype='float32', this run says 'int8'" in state
     assert "head.weight_dtype" in e[("head.weight_dtype=bfloat16",)]
     for case in (("schedule.warmup_steps=3",), ("head_optim.lr=0.05",)):
         assert "learning rate would jump" in e[case] and "schedule.allow_change=true" in e[case]

@@ -100,6 +100,7 @@ def test_data_bench_tiny(tmp_path):
         assert r[key] > 0, key
 
 
+@pytest.mark.slow  # the learning check's full pipeline at toy size: ~25 s
 def test_learning_check_tiny(tmp_path):
     """One run through the deepspeed launcher (1 rank, 2 steps), its evaluation, the untrained
     reference, the plot and the JSON."""

@@ -234,7 +234,8 @@ def _atomic_write(path: str, write) -> None:
             pass
         raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {str(exc)[:200]}; "
                               f"{_free_space(path)}): disk full, a quota or file-size limit, or "
-                              "an I/O error; nothing of this checkpoint is marked complete") from None
+                              "an I/O error; nothing of this checkpoint is marked complete"
+                              ) from None
 
 
 def _atomic_torch_save(obj, path: str) -> None:

@@ -342,8 +342,8 @@ def from_deepspeed_config(ds: Dict) -> Dict:
 def plan_experiment(cfg, ds_config: Dict, gpus: int, gpu_memory: int,
                     reserve: Optional[int] = None, device: str = "cuda") -> Plan:
     """The plan of a training run: `cfg` an ExperimentConfig (hybrid_fc.training.config),
-    `ds_config` the DeepSpeed JSON as a dict. The backbone's parameters and activations are computed on
-    torch's meta device (hybrid_fc.backbones.backbone_size; nothing is allocated)."""
+    `ds_config` the DeepSpeed JSON as a dict. The backbone's parameters and activations are
+    computed on torch's meta device (hybrid_fc.backbones.backbone_size; nothing is allocated)."""
     from ..backbones import backbone_size
     ds = from_deepspeed_config(ds_config)
     if "micro_batch" not in ds:  # DeepSpeed derives it from the global batch

@@ -147,8 +147,11 @@ def _is_tag_dir(path: str) -> bool:
 
 def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
     """(save_dir, tag) from a run folder (with `latest`), a run folder + tag, or a tag folder."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
     if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is not a folder")
+        raise CheckpointError(f"checkpoint {path!r} is not a folder (a run folder, a tag "
+                              "folder, or a backbone.pt written by launch/export.py)")
     if tag is None and not os.path.isfile(os.path.join(path, _LATEST)) and _is_tag_dir(path):
         path = os.path.abspath(path)
         return os.path.dirname(path), os.path.basename(path)

@@ -53,10 +53,12 @@ def _ref_encode_linear(m: torch.Tensor, levels: int = 127, bits=None):
 
 
 def _ref_unpack4(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """float64 codes -7..7 of 4-bit rows by the layout's definition: entry j < ceil(width/2) in
-    the low nibble of byte j, entry j >= ceil(width/2) in the high nibble of byte j - ceil."""
+    """float64 codes -7..7 of 4-bit rows by the layout's definition: two's-complement nibbles,
+    entry j < ceil(width/2) in the low nibble of byte j, entry j >= ceil(width/2) in the high
+    nibble of byte j - ceil(width/2)."""
     b = codes.long()
-    return torch.cat([b & 15, b >> 4], 1)[:, :width].double() - 8
+    nib = torch.cat([b & 15, b >> 4], 1)[:, :width].double()
+    return torch.where(nib >= 8, nib - 16, nib)
 
 
 def _ref_decode(codes, scale, levels):

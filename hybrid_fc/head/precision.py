@@ -27,8 +27,8 @@ Used by hybrid_fc.head.optim (updates), hybrid_fc.head.loss (reads), hybrid_fc.h
   many orders of magnitude) uses a logarithmic code: value = absmax * 2^(-q / 8), q = 0..254,
   255 = exactly zero (relative error <= 4.4%, range 2^-31.75).
 * **4-bit row codes** (`encode_rows4` / `decode_rows4`): signed linear code -7..7 x absmax / 7,
-  two codes per byte (a row's first ceil(D/2) entries in the low nibbles, the rest in the high
-  ones) and one fp32 scale per row: 0.5 + 4/D bytes per element. Always rounded
+  two's-complement nibbles, two per byte (a row's first ceil(D/2) entries in the low nibbles,
+  the rest in the high ones) and one fp32 scale per row: 0.5 + 4/D bytes per element. Always rounded
   stochastically: to nearest, a momentum entry below absmax / 14 would be stored as 0 at every
   step, and an SGD coordinate whose momentum stays that small would move at lr x g instead of
   lr x g / (1 - momentum).
@@ -188,24 +188,25 @@ def decode_rows(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch
 
 def encode_rows4(x: torch.Tensor, bits: torch.Tensor):
     """(codes uint8 (c, ceil(D/2)), scale fp32 (c,)) of a signed (c, D) fp32 tensor: the 4-bit
-    linear code q = floor(x / absmax * 7 + u) in -7..7, stored as q + 8 in a nibble; entry j
+    linear code q = floor(x / absmax * 7 + u) in -7..7 as a two's-complement nibble; entry j
     of a row in the low nibble of byte j for j < ceil(D/2), else the high nibble of byte
-    j - ceil(D/2). Consumes `x`; `bits` as for encode_rows (stochastic rounding always)."""
+    j - ceil(D/2) (contiguous halves: no strided passes). Consumes `x`; `bits` as for
+    encode_rows (stochastic rounding always)."""
     scale, safe = _absmax(x, True)
-    q = _round(x.mul_(7.0 / safe), bits).clamp_(-7, 7).add_(8).to(torch.uint8)   # (c, D)
+    q = _round(x.mul_(7.0 / safe), bits).clamp_(-7, 7).to(torch.int8).view(torch.uint8)
     half = (q.shape[1] + 1) // 2
-    codes = q[:, :half].clone()
+    codes = q[:, :half].bitwise_and(15)
     codes[:, :q.shape[1] - half].bitwise_or_(q[:, half:].bitwise_left_shift(4))
     return codes, scale
 
 
 def decode_rows4(codes: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
-    """fp32 (c, width) rows from `encode_rows4` output."""
+    """fp32 (c, width) rows from `encode_rows4` output: nibbles sign-extended by an arithmetic
+    shift of the bytes as int8 (low nibbles shifted up first), then one pass of the row
+    factor."""
     half = codes.shape[1]
-    out = torch.empty((codes.shape[0], width), device=codes.device)
-    out[:, :half] = codes.bitwise_and(15)
-    out[:, half:] = codes[:, :width - half].bitwise_right_shift(4)
-    return out.sub_(8.0).mul_((scale / 7.0).unsqueeze(1))
+    q = torch.cat([codes.bitwise_left_shift(4), codes[:, :width - half]], 1)
+    return q.view(torch.int8).bitwise_right_shift_(4).float().mul_((scale / 7.0).unsqueeze(1))
 
 
 # -- storages as objects -----------------------------------------------------------------------

@@ -329,9 +329,10 @@ class KeptExps(_BlockMode):
 
 class KeptLowExps(_BlockMode):
     """bf16 or int8 centers (no fp32 master; the mode for hundreds of millions of classes),
-    chunk_size None. Each block's exponentials are kept in bf16, relative to the block's own row max (fp32
-    (N,) per block); rows are gathered again in backward. Activation memory S * N * 2 bytes;
-    softmax statistics, target probabilities and matmul accumulations stay fp32."""
+    chunk_size None. Each block's exponentials are kept in bf16, relative to the block's own
+    row max (fp32 (N,) per block); rows are gathered (and decoded) again in backward.
+    Activation memory S * N * 2 bytes; softmax statistics, target probabilities and matmul
+    accumulations stay fp32."""
 
     def forward(self, sc: Scores, logit_t):
         n = sc.emb.shape[0]

@@ -181,8 +181,9 @@ class PartialFC(nn.Module):
         self.class_start = self.class_range.start
         self.num_local = self.class_range.num_local
         self.num_sample = num_sample_for(self.sample_rate, self.num_local)
-        parts = {k: v.to(device) if device is not None else v for k, v in init_center_parts(
-            self.class_start, self.class_range.end, embedding_size, seed, dtype=weight_dtype).items()}
+        parts = init_center_parts(self.class_start, self.class_range.end, embedding_size, seed,
+                                  dtype=weight_dtype)
+        parts = {k: v.to(device) if device is not None else v for k, v in parts.items()}
         # int8 codes cannot require grad: CenterCodes sets weight.grad itself
         self.weight = nn.Parameter(parts[""], requires_grad=weight_dtype.is_floating_point)
         # int8: (num_local,) fp32 row scales, re-encoded by the optimizer with each row; they

@@ -243,11 +243,26 @@ class FloatCode:
         return out.mul_(factor) if factor != 1.0 else out
 
 
-class Int8Code:
-    """Rows as int8 codes (part "") and one fp32 scale per row ("_scale"): the linear code
-    (signed) or the log code (non-negative), `encode_rows`."""
+class _ScaledCode:
+    """Rows as codes (part "") and one fp32 scale per row ("_scale"); subclasses give the
+    code's own `_encode(x, bits)` -> (codes, scale) and `_decode(codes, scale)`."""
 
     parts = ("", "_scale")
+
+    def encode(self, x: torch.Tensor, bits=None) -> Dict[str, torch.Tensor]:
+        codes, scale = self._encode(x, bits)
+        return {"": codes, "_scale": scale}
+
+    def decode(self, parts: Dict[str, torch.Tensor], factor: float = 1.0) -> torch.Tensor:
+        """The factor folds into the row scales: no extra pass."""
+        scale = parts["_scale"] * factor if factor != 1.0 else parts["_scale"]
+        return self._decode(parts[""], scale)
+
+
+class Int8Code(_ScaledCode):
+    """int8 codes and a scale per row: the linear code (signed) or the log code
+    (non-negative), `encode_rows`."""
+
     dtype = torch.int8
     stochastic_only = False
 
@@ -258,22 +273,17 @@ class Int8Code:
         return {"": torch.zeros(shape, dtype=torch.int8, device=device),
                 "_scale": torch.zeros(_rows_width(shape)[0], device=device)}
 
-    def encode(self, x: torch.Tensor, bits=None) -> Dict[str, torch.Tensor]:
-        codes, scale = encode_rows(x, self.signed, bits)
-        return {"": codes, "_scale": scale}
+    def _encode(self, x, bits):
+        return encode_rows(x, self.signed, bits)
 
-    def decode(self, parts: Dict[str, torch.Tensor], factor: float = 1.0) -> torch.Tensor:
-        """The factor folds into the row scales: no extra pass."""
-        scale = parts["_scale"] * factor if factor != 1.0 else parts["_scale"]
-        return decode_rows(parts[""], scale, self.signed)
+    def _decode(self, codes, scale):
+        return decode_rows(codes, scale, self.signed)
 
 
-class Int4Code:
-    """Signed rows of `width` entries as packed 4-bit codes (part "", uint8 (rows,
-    ceil(width/2))) and one fp32 scale per row ("_scale"), `encode_rows4`; stochastic rounding
-    only."""
+class Int4Code(_ScaledCode):
+    """Signed rows of `width` entries as packed 4-bit codes (uint8 (rows, ceil(width/2))) and
+    a scale per row, `encode_rows4`; stochastic rounding only."""
 
-    parts = ("", "_scale")
     dtype = torch.int4
     stochastic_only = True
 
@@ -285,13 +295,11 @@ class Int4Code:
         return {"": torch.zeros((rows, (width + 1) // 2), dtype=torch.uint8, device=device),
                 "_scale": torch.zeros(rows, device=device)}
 
-    def encode(self, x: torch.Tensor, bits) -> Dict[str, torch.Tensor]:
-        codes, scale = encode_rows4(x, bits)
-        return {"": codes, "_scale": scale}
+    def _encode(self, x, bits):
+        return encode_rows4(x, bits)
 
-    def decode(self, parts: Dict[str, torch.Tensor], factor: float = 1.0) -> torch.Tensor:
-        scale = parts["_scale"] * factor if factor != 1.0 else parts["_scale"]
-        return decode_rows4(parts[""], scale, self.width)
+    def _decode(self, codes, scale):
+        return decode_rows4(codes, scale, self.width)
 
 
 def weight_code(dtype: torch.dtype):

@@ -15,7 +15,7 @@ from hybrid_fc.head import init_class_centers
 from hybrid_fc.head.optim import SparseAdamW, SparseSGD
 from hybrid_fc.head.partial_fc import init_center_parts
 from hybrid_fc.head.precision import (decode_rows, encode_rows, encode_rows4, round_to_bf16,
-                                      rounding_bits, weight_code)
+                                      rounding_bits)
 from harness import run_ranks
 from reference import dense_margin_ce
 

@@ -212,12 +212,6 @@ class PartialFC(nn.Module):
         """Storage dtype of the class centers (float32, bfloat16 or int8)."""
         return self.weight.dtype
 
-    def centers(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
-        """Local rows [start, end) of the class centers as fp32 (int8: decoded; a copy)."""
-        parts = {"": self.weight, "_scale": self.weight_scale}
-        code = weight_code(self.weight.dtype)
-        return code.decode({k: parts[k].detach()[start:end].clone() for k in code.parts})
-
     # -- sampler stream --------------------------------------------------------------------
     def _stream(self) -> torch.Generator:
         device = self.weight.device

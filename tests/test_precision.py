@@ -560,3 +560,79 @@ def test_int8_head_gradient_accumulates_like_autograd():
     assert head.weight_scale.grad is None
     nbytes = sum(t.numel() * t.element_size() for t in (head.weight, head.weight_scale))
     assert nbytes == C * D + C * 4
+
+
+class _FakeEngine:
+    """Just what HybridEngine drives of a DeepSpeed engine: an identity backbone without
+    parameters, `gas` micro-steps per step, and whether a boundary step was applied (False: an
+    fp16 overflow)."""
+
+    def __init__(self, gas, applied):
+        from types import SimpleNamespace
+        self.gas, self.applied, self.micro, self.global_steps = gas, applied, 0, 0
+        self.module, self.lr_scheduler, self.dp_world_size = torch.nn.Identity(), None, 1
+        self.optimizer = SimpleNamespace(param_groups=[{"lr": 0.1}])
+
+    def __call__(self, images):
+        return images
+
+    def bfloat16_enabled(self):
+        return False
+
+    fp16_enabled = bfloat16_enabled
+
+    def gradient_accumulation_steps(self):
+        return self.gas
+
+    def backward(self, loss, scale_wrt_gas=False):
+        pass
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro + 1) % self.gas == 0
+
+    def step(self):
+        self.micro += 1
+
+    def was_step_applied(self):
+        return self.applied
+
+
+def test_int8_head_under_hybrid_engine_accumulates_clips_and_skips():
+    """HybridEngine reads an int8 head's weight.grad as any head's: two micro-steps accumulate,
+    the sum is clipped by its norm, the optimizer steps once; equal bit for bit to the same
+    done by hand. On an overflow (step not applied) the codes, scales and state stay and the
+    gradient is dropped. Planted bug caught: the head's gradient delivered only on the first
+    micro-step (weight.grad set once)."""
+    import copy
+
+    from hybrid_fc.training.engine import HybridEngine
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(6, D, generator=g), torch.randint(0, C, (6,), generator=g))
+               for _ in range(2)]
+    head = PartialFC(ArcFace(64.0, 0.5), D, C, 1.0, sparse_grad=True, seed=3,
+                     weight_dtype=torch.int8)
+    ref = copy.deepcopy(head)
+
+    def optimizer(h):
+        return SparseSGD(h.parameters(), lr=0.1, momentum=0.9, state_dtype=torch.int4, seed=2)
+    hybrid = HybridEngine(_FakeEngine(gas=2, applied=True), head, optimizer(head),
+                          max_grad_norm=0.05)
+    applied = [(hybrid.forward_backward(x, y), hybrid.step())[1] for x, y in batches]
+    assert applied == [False, True]
+    opt = optimizer(ref)
+    for x, y in batches:
+        (ref(x, y) / 2).backward()
+    grad = ref.weight.grad
+    norm = grad.coalesce().values().float().pow(2).sum().sqrt()
+    assert abs(hybrid.last_head_grad_norm.item() - norm.item()) <= 1e-6 * norm.item()
+    assert norm > 0.05                                        # the clip was active
+    grad.mul_(torch.clamp(0.05 / (norm + 1e-6), max=1.0).to(grad.dtype))
+    opt.step()
+    assert torch.equal(head.weight, ref.weight) and torch.equal(head.weight_scale,
+                                                                ref.weight_scale)
+    assert head.weight.grad is None
+    before = (head.weight.clone(), head.weight_scale.clone())
+    skipped = HybridEngine(_FakeEngine(gas=1, applied=False), head, hybrid.head_optimizer)
+    skipped.forward_backward(*batches[0])
+    assert skipped.step() is False and head.weight.grad is None
+    assert torch.equal(head.weight, before[0]) and torch.equal(head.weight_scale, before[1])

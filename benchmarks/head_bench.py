@@ -39,6 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hybrid_fc import ArcFace, PartialFC  # noqa: E402
 from hybrid_fc.head.optim import SparseSGD  # noqa: E402
 from hybrid_fc.head.partition import ClassRange  # noqa: E402
+from hybrid_fc.head.precision import (ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES,  # noqa: E402
+                                      dtype_names)
 from hybrid_fc.training.plan import PlanInput, plan  # noqa: E402
 from hybrid_fc.head.sampler import num_sample_for  # noqa: E402
 
@@ -261,13 +263,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=None,
                     help="PartialFC chunk_size (recompute path); default keeps probabilities")
-    ap.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--weight-dtype", default="float32", choices=dtype_names(WEIGHT_DTYPES),
                     help="storage of the class centers (PartialFC weight_dtype)")
     ap.add_argument("--state-dtype", "--momentum-dtype", dest="state_dtype", default="float32",
-                    choices=["float32", "bfloat16", "float16", "int8"],
+                    choices=dtype_names(STATE_DTYPES),
                     help="SparseSGD momentum storage (--momentum-dtype: the old name)")
-    ap.add_argument("--rounding", default="stochastic", choices=["stochastic", "nearest"],
-                    help="write-back of bf16 centers")
+    ap.add_argument("--rounding", default="stochastic", choices=ROUNDINGS,
+                    help="write-back of bf16 / int8 centers")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                     help="PartialFC backend (auto: torch until the kernels pass on a GPU)")
     ap.add_argument("--input-dtype", default="float32",

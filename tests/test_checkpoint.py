@@ -48,9 +48,10 @@ def _snapshot(hybrid):
         state[name] = {k: safe_get_full_optimizer_state(p, k).clone() for k in keys}
     head_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in
                   hybrid.head_optimizer.state.get(hybrid.head.weight, {}).items()}
+    scale = hybrid.head.weight_scale
     return dict(params=params, state=state, keys=keys, start=hybrid.head.class_start,
                 weight=hybrid.head.weight.detach().clone(), head_state=head_state,
-                steps=engine.global_steps)
+                steps=engine.global_steps, scale=None if scale is None else scale.detach().clone())
 
 
 def _phase(rank, world_size, stage, ckdir, steps, optimizer="SGD"):
@@ -86,11 +87,15 @@ def _build_head_only(hybrid, num_classes, emb=EMB):
 
 
 def _gather_head(results, part):
+    """(centers, per-row optimizer state) of all ranks in class order; int8 centers come with
+    their row scales as state key "weight_scale"."""
     starts = [r[part]["start"] for r in results]
     assert starts == sorted(starts)
     weight = torch.cat([r[part]["weight"] for r in results])
     state = {k: torch.cat([r[part]["head_state"][k] for r in results])
              for k, v in results[0][part]["head_state"].items() if torch.is_tensor(v) and v.dim()}
+    if results[0][part]["scale"] is not None:
+        state["weight_scale"] = torch.cat([r[part]["scale"] for r in results])
     return weight, state
 
 
@@ -211,9 +216,13 @@ def test_kill_9_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
 
 
 # -- bf16 centers + int8 head-optimizer state ----------------------------------------------------
-def _build_low(world_size, stage=2, num_classes=C):
-    """A HybridEngine whose head stores bf16 centers and SparseSGD keeps int8 momentum; half the
-    classes sampled per step, so the sampler stream and the lazy rows matter on resume."""
+BF16_INT8, INT8_INT4 = (torch.bfloat16, torch.int8), (torch.int8, torch.int4)
+
+
+def _build_low(world_size, storage, stage=2, num_classes=C):
+    """A HybridEngine whose head stores low-precision centers and SparseSGD keeps low-precision
+    momentum (storage: (weight_dtype, state_dtype)); half the classes sampled per step, so the
+    sampler stream and the lazy rows matter on resume."""
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
     from hybrid_fc.training.engine import HybridEngine
@@ -222,25 +231,57 @@ def _build_low(world_size, stage=2, num_classes=C):
     cfg = ds_config(stage, micro=MICRO, world_size=world_size)
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
     head = PartialFC(ArcFace(S, M), EMB, num_classes, sample_rate=0.5, sparse_grad=True,
-                     weight_dtype=torch.bfloat16)
+                     weight_dtype=storage[0])
     opt = SparseSGD(head.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4,
-                    state_dtype=torch.int8, seed=5)
+                    state_dtype=storage[1], seed=5)
     return HybridEngine(engine, head, opt)
 
 
-def _low_phase(rank, world_size, ckdir, steps, save):
+def _low_phase(rank, world_size, ckdir, steps, save, storage=BF16_INT8, after=0):
+    """Load `ckdir` if it exists, train `steps`, save if asked, train `after` more steps (the
+    uninterrupted run a resume from that save must equal)."""
     from hybrid_fc.training.checkpoint import load_checkpoint, save_checkpoint
-    hybrid = _build_low(world_size)
+    hybrid = _build_low(world_size, storage)
     client = load_checkpoint(hybrid, ckdir) if os.path.isdir(ckdir) else None
     loaded = _snapshot(hybrid) if client is not None else None
     first = hybrid.global_steps
-    for step in range(first, first + steps):
+    for step in range(first, first + steps + after):
+        if save and step == first + steps:
+            save_checkpoint(hybrid, ckdir)
         hybrid.forward_backward(*batch(step, rank, MICRO, C))
         hybrid.step()
-    if save:
+    if save and not after:
         save_checkpoint(hybrid, ckdir)
     return dict(loaded=loaded, saved=_snapshot(hybrid),
                 rounding_step=hybrid.head_optimizer.state[hybrid.head.weight]["rounding_step"])
+
+
+def _assert_same_head(before, after):
+    """Every class's centers and per-row state in `after` (loaded) equal `before` (saved),
+    dtypes included."""
+    wb, sb = _gather_head(before, "saved")
+    wa, sa = _gather_head(after, "loaded")
+    assert wa.dtype == wb.dtype and torch.equal(wa, wb)
+    assert set(sa) == set(sb)
+    for key in sb:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def _assert_same_run(straight, resumed, dtypes, rounding_step):
+    """Each rank's final state of two runs bit for bit: centers (and int8 scales), head state
+    (`dtypes`: of the centers and of the momentum codes), rounding steps, backbone."""
+    for a, b in zip(straight, resumed):
+        assert (a["saved"]["weight"].dtype,
+                a["saved"]["head_state"]["momentum_buffer"].dtype) == dtypes
+        assert torch.equal(a["saved"]["weight"], b["saved"]["weight"])
+        assert (a["saved"]["scale"] is None) == (b["saved"]["scale"] is None)
+        assert a["saved"]["scale"] is None or torch.equal(a["saved"]["scale"], b["saved"]["scale"])
+        for key, value in a["saved"]["head_state"].items():
+            assert torch.equal(value, b["saved"]["head_state"][key]) if torch.is_tensor(value) \
+                else value == b["saved"]["head_state"][key], key
+        for name, value in a["saved"]["params"].items():
+            assert torch.equal(value, b["saved"]["params"][name]), name
+        assert a["rounding_step"] == b["rounding_step"] == rounding_step
 
 
 def test_bf16_int8_head_resumes_bit_exact_and_reshards(tmp_path):
@@ -252,24 +293,30 @@ def test_bf16_int8_head_resumes_bit_exact_and_reshards(tmp_path):
     straight = run_deepspeed_ranks(2, _low_phase, str(tmp_path / "none"), 4, False)
     first = run_deepspeed_ranks(2, _low_phase, ck, 2, True)
     resumed = run_deepspeed_ranks(2, _low_phase, ck, 2, False)
-    for a, b in zip(straight, resumed):
-        assert a["saved"]["weight"].dtype == torch.bfloat16
-        assert torch.equal(a["saved"]["weight"], b["saved"]["weight"])
-        assert a["saved"]["head_state"]["momentum_buffer"].dtype == torch.int8
-        for key, value in a["saved"]["head_state"].items():
-            assert torch.equal(value, b["saved"]["head_state"][key]) if torch.is_tensor(value) \
-                else value == b["saved"]["head_state"][key], key
-        for name, value in a["saved"]["params"].items():
-            assert torch.equal(value, b["saved"]["params"][name]), name
-        assert a["rounding_step"] == b["rounding_step"] == 4
+    _assert_same_run(straight, resumed, (torch.bfloat16, torch.int8), 4)
     three = run_deepspeed_ranks(3, _low_phase, ck, 0, False)
-    wb, sb = _gather_head(first, "saved")
-    wa, sa = _gather_head(three, "loaded")
-    assert wa.dtype == torch.bfloat16 and torch.equal(wa, wb)
-    assert set(sa) == {"momentum_buffer", "momentum_buffer_scale"}
-    for key in sb:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    _assert_same_head(first, three)
+    assert set(_gather_head(three, "loaded")[1]) == {"momentum_buffer", "momentum_buffer_scale"}
     assert all(r["rounding_step"] == 2 for r in three)
+
+
+def test_int8_int4_head_reshards_4_3_2_and_resumes_bit_exact(tmp_path):
+    """int8 centers (codes + one scale per row) and int4 momentum (packed codes + scales):
+    saved at 4 ranks, loaded at 3 and then at 2 with every class's codes, scales and state
+    exactly as saved; at 2 ranks a save, a load in fresh processes and 1 step equal the step
+    the saving run took on without stopping, bit for bit (the rounding streams, the sampler
+    and the lazy rows come back). Planted bugs caught: shards saved without weight_scale
+    (refused on load), scales not resharded (cut from the wrong rows)."""
+    ck = str(tmp_path / "ck")
+    four = run_deepspeed_ranks(4, _low_phase, ck, 2, True, INT8_INT4)        # -> global_step2
+    three = run_deepspeed_ranks(3, _low_phase, ck, 1, True, INT8_INT4)       # -> global_step3
+    _assert_same_head(four, three)
+    straight = run_deepspeed_ranks(2, _low_phase, ck, 1, True, INT8_INT4, 1)  # -> step4, + 1
+    _assert_same_head(three, straight)
+    assert set(_gather_head(straight, "loaded")[1]) == {
+        "momentum_buffer", "momentum_buffer_scale", "weight_scale"}
+    resumed = run_deepspeed_ranks(2, _low_phase, ck, 1, False, INT8_INT4)
+    _assert_same_run(straight, resumed, (torch.int8, torch.uint8), 5)
 
 
 def test_bf16_int8_head_shard_is_smaller():

@@ -134,16 +134,32 @@ def test_class_centers(zero3_run, tmp_path):
     np.testing.assert_array_equal(np.load(path), ref.numpy())
 
 
-def test_bf16_class_centers_export_as_fp32_and_say_so(tmp_path):
-    """Shards of a bf16 head (head.weight_dtype=bfloat16), two class ranges: centers.npy is
-    float32 with exactly the stored values, and the report names the stored dtype."""
+def _bf16_shard(full):
+    """bf16 rows: exactly the fp32 values of the stored bf16 numbers."""
+    stored = full.bfloat16()
+    return (lambda s, n: {"weight": stored[s:s + n].clone()}), stored.float()
+
+
+def _int8_shard(full):
+    """int8 codes + one fp32 scale per row: code x (scale / 127) in fp32, as the head decodes."""
+    from hybrid_fc.head.precision import encode_rows
+    codes, scale = encode_rows(full.clone(), signed=True)
+    return (lambda s, n: {"weight": codes[s:s + n].clone(), "weight_scale": scale[s:s + n].clone()}
+            ), codes.float() * (scale / 127).unsqueeze(1)
+
+
+@pytest.mark.parametrize("storage, name", [(_bf16_shard, "bfloat16"), (_int8_shard, "int8")])
+def test_low_precision_class_centers_export_as_fp32_and_say_so(tmp_path, storage, name):
+    """Shards of a bf16 or int8 head (head.weight_dtype), two class ranges: centers.npy is
+    float32 with exactly the stored values (int8: decoded with each row's scale), and the report
+    names the stored dtype. Planted bug caught: int8 codes written without their scales."""
     import json
     hdir = tmp_path / "run" / "global_step1" / "hybrid"
     hdir.mkdir(parents=True)
-    full = torch.randn(7, 4).bfloat16()
+    shard, expected = storage(torch.randn(7, 4))
     ranges = [[0, 4], [4, 3]]
     for r, (s, n) in enumerate(ranges):
-        torch.save({"class_start": s, "num_local": n, "weight": full[s:s + n].clone()},
+        torch.save({"class_start": s, "num_local": n, **shard(s, n)},
                    hdir / f"head-rank{r:05d}.pt")
     (hdir / "meta.json").write_text(json.dumps({
         "format": 1, "num_classes": 7, "embedding_size": 4, "world_size": 2, "dp_world_size": 2,
@@ -152,8 +168,8 @@ def test_bf16_class_centers_export_as_fp32_and_say_so(tmp_path):
     said = []
     path = export_class_centers(str(tmp_path / "run"), str(tmp_path / "c.npy"), report=said.append)
     got = np.load(path)
-    assert got.dtype == np.float32 and np.array_equal(got, full.float().numpy())
-    assert len(said) == 1 and "stored as bfloat16" in said[0] and "float32" in said[0]
+    assert got.dtype == np.float32 and np.array_equal(got, expected.numpy())
+    assert len(said) == 1 and f"stored as {name}" in said[0] and "float32" in said[0]
     # a shard of the wrong width: refused, and nothing loadable is left under the name (bug
     # caught: centers.npy was written in place and kept its zero rows after the refusal)
     torch.save({"class_start": 4, "num_local": 3, "weight": torch.zeros(3, 5)},

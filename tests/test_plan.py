@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("float32", "float32", None, 1_000_000),
     ("bfloat16", "int8", None, 2_000_000),
     ("bfloat16", "int8", 4096, 4_000_000),
+    ("int8", "int4", None, 4_000_000),
 ])
 def test_planned_head_bytes_match_measured_peak(weight, state, chunk, classes):
     """benchmarks/head_bench.py measures the head's peak (CPU: peak RSS minus the RSS just
@@ -63,6 +64,27 @@ def test_head_items_by_hand():
     assert adamw.summary()["items"]["head: optimizer state"] == 2 * (L * 32 + L * 4) + L * 8
     fp32 = plan(PlanInput(**{**inp.__dict__, "weight_dtype": "float32", "state_dtype": "float32"}))
     assert fp32.summary()["items"]["head: kept for backward"] == S * N * 4 + S * 32 * 4
+
+
+def test_int8_int4_items_by_hand():
+    """int8 centers: 1 byte + one fp32 scale per row; int4 momentum: half a byte + a scale;
+    under AdamW the second moment stays int8 (+ its scale) and each row keeps an int64 step;
+    the rows' gradient and the kept exponentials are bf16. Planted bug caught: int4 counted as
+    one byte (dtype_bytes of torch.int8's size)."""
+    inp = PlanInput(classes=1000, dim=32, gpus=3, gpu_memory=10 ** 9, sample_rate=0.5,
+                    micro_batch=4, precision="fp32", weight_dtype="int8", state_dtype="int4",
+                    head_optimizer="sparse_sgd", reserve=0, device="cpu")
+    items = plan(inp).summary()["items"]
+    L, S, N = 334, 167, 12
+    assert items["head: centers"] == L * 32 + L * 4
+    assert items["head: optimizer state"] == L * 16 + L * 4
+    assert items["head: sampled rows' gradient"] == S * 32 * 2
+    assert items["head: kept for backward"] == S * N * 2
+    adamw = plan(PlanInput(**{**inp.__dict__, "head_optimizer": "sparse_adamw"}))
+    state = adamw.summary()["items"]["head: optimizer state"]
+    assert state == (L * 16 + L * 4) + (L * 32 + L * 4) + L * 8
+    with pytest.raises(ValueError, match="sparse_grad"):
+        PlanInput(**{**inp.__dict__, "sparse_grad": False})
 
 
 def test_backbone_zero_accounting():
@@ -147,3 +169,19 @@ def test_the_reserve_is_in_the_total():
     with_reserve, without = plan(inp), plan(PlanInput(**{**inp.__dict__, "reserve": 0}))
     assert with_reserve.per_gpu_bytes - without.per_gpu_bytes == 3 * 10 ** 9
     assert ("reserve", 3e9) in [(name, value) for name, value, _ in with_reserve.rows]
+
+
+def test_plan_cli_a_billion_classes_on_one_node():
+    """The issue's goal: 1,000,000,000 x 256 over 8 x 80 GB, iresnet100, ZeRO-2 bf16, micro
+    batch 128, r=0.1: int8 centers + int4 momentum (chunk_size 65536) fit with max_classes >= 1e9;
+    bf16 + int8 does not, and its advice names int8 + int4."""
+    common = ["--classes", "1000000000", "--dim", "256", "--gpus", "8", "--gpu-memory", "80GB",
+              "--sample-rate", "0.1", "--micro-batch", "128", "--backbone", "iresnet100",
+              "--deepspeed_config", "ds_configs/zero2_bf16.json", "--chunk-size", "65536"]
+    rc, low, text = _plan_cli(*common, "--weight-dtype", "int8", "--state-dtype", "int4")
+    assert rc == 0 and low["fits"] and low["max_classes"] >= 10 ** 9, text
+    assert low["items"]["head: centers"] == 125_000_000 * (256 + 4)
+    assert low["items"]["head: optimizer state"] == 125_000_000 * (128 + 4)
+    bf16 = plan(PlanInput(**{**low["input"], "weight_dtype": "bfloat16", "state_dtype": "int8"}))
+    assert not bf16.fits and bf16.max_classes < 10 ** 9
+    assert "head.weight_dtype=int8 head_optim.state_dtype=int4" in bf16.advice, bf16.advice

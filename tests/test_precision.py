@@ -1,9 +1,11 @@
-"""bf16 class centers with stochastic rounding and 8-bit optimizer state (hybrid_fc.head.precision).
+"""bf16 / int8 class centers with stochastic rounding and 8-bit / 4-bit optimizer state
+(hybrid_fc.head.precision).
 
 References are written here in float64, independently of the library's arithmetic: the bf16
-neighbours of a value from its binary exponent, the 8-bit codes from their definitions. The
-library's random bits (a counter-based hash) are the one shared input: the tests check what is
-done with them, and separately that they make the rounding unbiased.
+neighbours of a value from its binary exponent, the 8-bit and 4-bit codes (and the 4-bit byte
+layout) from their definitions. The library's random bits (a counter-based hash) are the one
+shared input: the tests check what is done with them, and separately that they make the
+rounding unbiased.
 """
 import pytest
 import torch
@@ -11,7 +13,9 @@ import torch
 from hybrid_fc import ArcFace, PartialFC
 from hybrid_fc.head import init_class_centers
 from hybrid_fc.head.optim import SparseAdamW, SparseSGD
-from hybrid_fc.head.precision import decode_rows, encode_rows, round_to_bf16, rounding_bits
+from hybrid_fc.head.partial_fc import init_center_parts
+from hybrid_fc.head.precision import (decode_rows, encode_rows, encode_rows4, round_to_bf16,
+                                      rounding_bits)
 from harness import run_ranks
 from reference import dense_margin_ce
 
@@ -37,9 +41,29 @@ def _ref_round(x: torch.Tensor, bits) -> torch.Tensor:
     return torch.where(up, lo + ulp, lo) * torch.sign(x)
 
 
-def _ref_encode_linear(m: torch.Tensor):
+def _ref_encode_linear(m: torch.Tensor, levels: int = 127, bits=None):
+    """Linear codes -levels..levels of float64 rows: to nearest, or stochastically with
+    u = bits / 2^16 (lo + 1 iff u >= 1 - (y - lo), y the value in code units)."""
     absmax = m.abs().amax(1)
-    return torch.round(m / absmax.clamp_min(1e-300).unsqueeze(1) * 127), absmax
+    y = m / absmax.clamp_min(1e-300).unsqueeze(1) * levels
+    if bits is None:
+        return torch.round(y), absmax
+    lo = torch.floor(y)
+    return torch.where(bits.double() / 65536.0 >= 1.0 - (y - lo), lo + 1, lo), absmax
+
+
+def _ref_unpack4(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """float64 codes -7..7 of 4-bit rows by the layout's definition: two's-complement nibbles,
+    entry j < ceil(width/2) in the low nibble of byte j, entry j >= ceil(width/2) in the high
+    nibble of byte j - ceil(width/2)."""
+    b = codes.long()
+    nib = torch.cat([b & 15, b >> 4], 1)[:, :width].double()
+    return torch.where(nib >= 8, nib - 16, nib)
+
+
+def _ref_decode(codes, scale, levels):
+    """float64 rows of linear codes (float64 -levels..levels) with their row scales."""
+    return codes * scale.double().unsqueeze(1) / levels
 
 
 def _ref_encode_log(v: torch.Tensor):
@@ -92,6 +116,8 @@ def test_rounding_bits_depend_on_global_row_and_step_only():
     assert torch.equal(part, full[[7, 42, 99]])
     assert not torch.equal(rounding_bits(3, 12, torch.arange(100), 32), full)   # next step
     assert not torch.equal(rounding_bits(4, 11, torch.arange(100), 32), full)   # other seed
+    assert torch.equal(rounding_bits(3, 11, torch.arange(100), 32, stream=0), full)
+    assert not torch.equal(rounding_bits(3, 11, torch.arange(100), 32, stream=1), full)
     # 16 usable bits: every bit position is set about half the time
     frac = torch.stack([(full >> b) & 1 for b in range(16)]).double().mean(dim=(1, 2))
     assert torch.all((frac > 0.4) & (frac < 0.6)), frac
@@ -138,12 +164,51 @@ def test_int8_codes_error_bounds():
     assert ((codes.double() + 128) - ref_codes).abs().max() <= 1
 
 
+def _encode_int8(x, bits):
+    codes, scale = encode_rows(x, signed=True, bits=bits)
+    return codes.double(), scale
+
+
+def _encode_int4(x, bits):
+    codes, scale = encode_rows4(x, bits)
+    assert codes.dtype == torch.uint8 and codes.shape[1] == (x.shape[1] + 1) // 2
+    return _ref_unpack4(codes, x.shape[1]), scale
+
+
+@pytest.mark.parametrize("encode, levels", [(_encode_int8, 127), (_encode_int4, 7)])
+def test_linear_codes_round_stochastically_unbiased_and_seeded(encode, levels):
+    """int8 center codes and 4-bit momentum codes with random bits: every draw is the float64
+    reference's floor(y + u) (<= 1 code off where fp32 and float64 disagree on y, at most 1%
+    of elements), the same bits give the same codes, and over K=4096 steps of the stream each
+    element rounds up with probability p = y - floor(y): the count vs Binomial(K, p), |z| < 5.5
+    (false-alarm rate ~1e-5 over the elements, as for bf16). Odd width 9: the last byte of a
+    4-bit row has no high nibble. Planted bug caught: floor(y + u) replaced by round(y) (or by
+    floor(y + u) + 0.5 bias) fails the z test; a wrong nibble order fails the reference."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 9, generator=g) * torch.logspace(-4, 2, 24).unsqueeze(1)
+    ref_y = x.double() / x.double().abs().amax(1, keepdim=True) * levels
+    p = ref_y - torch.floor(ref_y)
+    k_steps, rows = 4096, torch.arange(300, 324)
+    bits = torch.cat([rounding_bits(11, k, rows, 9) for k in range(k_steps)])  # step k: rows k*24..
+    codes, scale = encode(x.repeat(k_steps, 1), bits)                   # all steps in one call
+    ref, _ = _ref_encode_linear(x.double().repeat(k_steps, 1), levels, bits)
+    assert (codes - ref).abs().max() <= 1 and (codes != ref).double().mean() <= 0.01
+    assert torch.equal(scale, x.abs().amax(1).repeat(k_steps))
+    assert torch.equal(encode(x.clone(), bits[:24])[0], codes[:24])     # seeded: same bits, codes
+    ups = (codes.view(k_steps, 24, 9) > torch.floor(ref_y)).double().sum(0)
+    free = (p > 0.01) & (p < 0.99)                                # the absmax entry is exact
+    z = (ups - k_steps * p) / torch.sqrt(k_steps * p * (1 - p))
+    assert free.sum() > 150 and z[free].abs().max() < 5.5, z[free].abs().max()
+    assert abs(z[free].sum().item()) < 5.5 * free.sum().item() ** 0.5
+
+
 # -- optimizers against float64 references of the same rounding ----------------------------
 def _sparse(rows, values, shape):
     return torch.sparse_coo_tensor(rows.unsqueeze(0), values, shape)
 
 
 def _random_problem(seed, n=30, d=24):
+    """bf16 centers (n, d), four bf16 gradients and four sorted picks of n // 2 rows."""
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(n, d, generator=g).bfloat16()
     grads = [(torch.randn(n, d, generator=g) * 0.3).bfloat16() for _ in range(4)]
@@ -228,6 +293,96 @@ def test_sparse_adamw_bf16_int8_against_float64_reference():
                 - _ref_encode_log(v)[0]).abs().max() <= 1
 
 
+def _int8_param(seed, n=30, d=24):
+    """An int8 parameter as PartialFC(weight_dtype=int8) holds it: codes, row scales at
+    `row_scale`, global row offset 500, a bf16 sparse gradient allowed; plus gradients and picks."""
+    w0, grads, picks = _random_problem(seed, n, d)
+    codes, scale = encode_rows(w0.float(), signed=True)
+    p = torch.nn.Parameter(codes, requires_grad=False)
+    p.row_scale, p.row_offset, p.grad_dtype = scale, 500, torch.bfloat16
+    return p, grads, picks
+
+
+def _check_codes(got, ref, share):
+    """Library codes vs the float64 reference: the update is computed in fp32, so a value within
+    ~2^-16 of a code step from a rounding threshold may go the other way: <= 1 code anywhere,
+    equal on >= `share` of the elements."""
+    assert (got - ref).abs().max() <= 1 and (got == ref).double().mean() >= share, \
+        ((got - ref).abs().max(), (got == ref).double().mean())
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_sparse_sgd_int8_centers_int4_momentum_against_float64_reference(rounding):
+    """int8 centers + 4-bit momentum, each step from the optimizer's own current state: centers
+    and momentum decoded from their codes, the update in float64, center codes rounded with the
+    same bits (stream 0; or to nearest), momentum codes stochastically with stream 1 (always).
+    Tolerance as _check_codes; row scales are the updated rows' absmax (fp32 vs float64
+    arithmetic, rtol 1e-5); untouched rows keep codes and scales bit for bit. Planted bugs
+    caught: momentum bits from stream 0 (the centers' bits), a scale of absmax / 126."""
+    p, grads, picks = _int8_param(0)
+    lr, mu, wd, d = 0.05, 0.9, 5e-4, p.shape[1]
+    opt = SparseSGD([p], lr=lr, momentum=mu, weight_decay=wd, state_dtype=torch.int4,
+                    rounding=rounding, seed=9)
+    for step, (g, rows) in enumerate(zip(grads, picks)):
+        st = opt.state.get(p, {})
+        m = _ref_decode(_ref_unpack4(st["momentum_buffer"][rows], d),
+                        st["momentum_buffer_scale"][rows], 7) if st else 0.0
+        w = _ref_decode(p.detach()[rows].double(), p.row_scale[rows], 127)
+        m = mu * m + g[rows].double() + wd * w
+        ids = rows + 500
+        bits = rounding_bits(9, step + 1, ids, d) if rounding == "stochastic" else None
+        ref_w, ref_scale = _ref_encode_linear(w - lr * m, 127, bits)
+        ref_m, ref_m_scale = _ref_encode_linear(m, 7, rounding_bits(9, step + 1, ids, d, 1))
+        untouched = (p.detach().clone(), p.row_scale.clone())
+        p.grad = _sparse(rows, g[rows], p.shape)
+        opt.step()
+        assert p.dtype == torch.int8
+        _check_codes(p.detach()[rows].double(), ref_w, 0.98)
+        assert torch.allclose(p.row_scale[rows].double(), ref_scale, rtol=1e-5)
+        _check_codes(_ref_unpack4(opt.state[p]["momentum_buffer"][rows], d), ref_m, 0.98)
+        assert torch.allclose(opt.state[p]["momentum_buffer_scale"][rows].double(), ref_m_scale,
+                              rtol=1e-5)
+        others = torch.ones(p.shape[0], dtype=torch.bool)
+        others[rows] = False
+        assert torch.equal(p.detach()[others], untouched[0][others])
+        assert torch.equal(p.row_scale[others], untouched[1][others])
+    assert opt.state[p]["rounding_step"] == 4
+
+
+def test_sparse_adamw_int8_centers_int4_state_against_float64_reference():
+    """int8 centers, AdamW's first moment in 4 bits (stream 1), its second moment in the int8
+    log code (16 levels cannot span it): as the SGD test, >= 97% of codes equal (the decoded
+    second moment adds fp32-vs-float64 differences)."""
+    p, grads, picks = _int8_param(1)
+    lr, b1, b2, eps, wd, d = 1e-2, 0.9, 0.99, 1e-8, 0.05, p.shape[1]
+    opt = SparseAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd,
+                      state_dtype=torch.int4, seed=4)
+    for step, (g, rows) in enumerate(zip(grads, picks)):
+        st = opt.state.get(p, {})
+        if st:
+            m = _ref_decode(_ref_unpack4(st["exp_avg"][rows], d), st["exp_avg_scale"][rows], 7)
+            q = st["exp_avg_sq"][rows].double() + 128
+            v = torch.where(q == 255, torch.zeros_like(q), torch.pow(2.0, -q / 8)
+                            * st["exp_avg_sq_scale"][rows].double().unsqueeze(1))
+            t = st["step"][rows].double() + 1
+        else:
+            m = v = torch.zeros(len(rows), d, dtype=torch.float64)
+            t = torch.ones(len(rows), dtype=torch.float64)
+        gg, ids = g[rows].double(), rows + 500
+        w = _ref_decode(p.detach()[rows].double(), p.row_scale[rows], 127)
+        m = b1 * m + (1 - b1) * gg
+        v = b2 * v + (1 - b2) * gg * gg
+        upd = (m / (1 - b1 ** t).unsqueeze(1)) / ((v / (1 - b2 ** t).unsqueeze(1)).sqrt() + eps)
+        ref_w, _ = _ref_encode_linear(w * (1 - lr * wd) - lr * upd, 127,
+                                      rounding_bits(4, step + 1, ids, d))
+        ref_m, _ = _ref_encode_linear(m, 7, rounding_bits(4, step + 1, ids, d, 1))
+        p.grad = _sparse(rows, g[rows], p.shape)
+        opt.step()
+        _check_codes(p.detach()[rows].double(), ref_w, 0.97)
+        _check_codes(_ref_unpack4(opt.state[p]["exp_avg"][rows], d), ref_m, 0.97)
+        _check_codes(opt.state[p]["exp_avg_sq"][rows].double() + 128, _ref_encode_log(v)[0], 0.97)
+
+
 def test_optimizer_state_dict_resumes_rounding_exactly():
     """3 steps, state_dict() into a fresh optimizer and a copy of the weights, 3 more steps:
     bit-identical to 6 uninterrupted steps (the rounding stream is state, not a generator)."""
@@ -256,13 +411,44 @@ def test_optimizer_state_dict_resumes_rounding_exactly():
     assert opt_r.state[r]["rounding_step"] == 6
 
 
-def test_int8_state_is_a_quarter_of_fp32():
+@pytest.mark.parametrize("state_dtype, code_bytes", [(torch.int8, 256), (torch.int4, 128)])
+def test_int8_and_int4_state_bytes(state_dtype, code_bytes):
+    """int8 momentum is a quarter of fp32's, int4 an eighth (two codes per byte), each with one
+    fp32 scale per row."""
     p = torch.nn.Parameter(torch.zeros(1000, 256, dtype=torch.bfloat16))
-    opt = SparseSGD([p], lr=0.1, state_dtype=torch.int8)
+    opt = SparseSGD([p], lr=0.1, state_dtype=state_dtype)
     p.grad = _sparse(torch.tensor([1, 5]), torch.ones(2, 256, dtype=torch.bfloat16), p.shape)
     opt.step()
     nbytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t))
-    assert nbytes == 1000 * 256 + 1000 * 4               # codes + one fp32 scale per row
+    assert nbytes == 1000 * code_bytes + 1000 * 4         # codes + one fp32 scale per row
+
+
+def test_unsupported_combinations_name_the_setting_to_change():
+    """8-bit centers without sparse gradients, with torch's optimizers, without their scales,
+    or an unknown storage: a ValueError naming the setting, never a fallback to a wider type."""
+    from types import SimpleNamespace
+
+    from hybrid_fc.head.optim import make_head_optimizer
+    from hybrid_fc.training.config import load_config
+    from hybrid_fc.training.engine import HybridEngine
+    with pytest.raises(ValueError, match="sparse_grad=True"):
+        PartialFC(ArcFace(), D, C, weight_dtype=torch.int8)
+    with pytest.raises(ValueError, match="weight_dtype must be one of float32, bfloat16, int8"):
+        PartialFC(ArcFace(), D, C, weight_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="head.weight_dtype: int8 centers need head.sparse_grad"):
+        load_config(None, ["head.weight_dtype=int8", "head_optim.name=sparse_sgd"])
+    with pytest.raises(ValueError, match="int4 needs sparse_sgd or sparse_adamw"):
+        make_head_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))], lr=0.1,
+                            state_dtype=torch.int4)
+    head = PartialFC(ArcFace(), D, C, sparse_grad=True, weight_dtype=torch.int8)
+    engine = SimpleNamespace(module=torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="head_optim.name=sparse_sgd or sparse_adamw"):
+        HybridEngine(engine, head, torch.optim.SGD(head.parameters(), lr=0.1))
+    p = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.int8), requires_grad=False)
+    p.grad_dtype = torch.bfloat16
+    p.grad = torch.ones(3, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="row_scale"):
+        SparseSGD([p], lr=0.1).step()
 
 
 # -- the head with bf16 centers ---------------------------------------------------------------
@@ -280,19 +466,27 @@ def test_bf16_init_is_the_fp32_init_rounded():
         PartialFC(ArcFace(64.0, 0.5), 8, 100, weight_dtype=torch.float16)
 
 
-def _bf16_head_worker(rank, world, sparse, chunk, emb_dtype):
+def _stored_centers(weight_dtype) -> torch.Tensor:
+    """float64 (C, D): exactly the values a head of `weight_dtype` (seed 3) stores, decoded."""
+    parts = init_center_parts(0, C, D, 3, dtype=weight_dtype)
+    if weight_dtype == torch.int8:
+        return _ref_decode(parts[""].double(), parts["_scale"], 127)
+    return parts[""].double()
+
+
+def _low_head_worker(rank, world, weight_dtype, sparse, chunk, emb_dtype):
     sizes = BATCHES[world]
     g = torch.Generator().manual_seed(11)
     n = sum(sizes)
     emb, labels = torch.randn(n, D, generator=g, dtype=torch.float64), torch.randint(0, C, (n,), generator=g)
     margin = ArcFace(64.0, 0.5)
-    # Reference: float64 dense softmax over exactly the stored (bf16) centers.
-    w_ref = init_class_centers(0, C, D, 3, dtype=torch.bfloat16).double().requires_grad_(True)
+    # Reference: float64 dense softmax over exactly the stored (bf16 / decoded int8) centers.
+    w_ref = _stored_centers(weight_dtype).requires_grad_(True)
     e_ref = emb.to(emb_dtype).double().requires_grad_(True)
     ref = dense_margin_ce(e_ref, w_ref, labels, margin)
     ref.backward()
     head = PartialFC(margin, D, C, 1.0, sparse_grad=sparse, chunk_size=chunk, seed=3,
-                     weight_dtype=torch.bfloat16)
+                     weight_dtype=weight_dtype)
     off = sum(sizes[:rank])
     x = emb[off:off + sizes[rank]].to(emb_dtype).clone().requires_grad_(True)
     loss = head(x, labels[off:off + sizes[rank]])
@@ -304,15 +498,24 @@ def _bf16_head_worker(rank, world, sparse, chunk, emb_dtype):
                 egrad=x.grad.double(), ref_egrad=world * e_ref.grad[off:off + sizes[rank]])
 
 
+LOW_HEADS = {torch.bfloat16: [(True, None, torch.float32), (False, 5, torch.float32),
+                              (True, None, torch.bfloat16)],
+             torch.int8: [(True, None, torch.float32), (True, 5, torch.float32),
+                          (True, None, torch.bfloat16)]}
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_bf16_head_matches_dense_reference(world):
-    """bf16 storage: the loss is computed in fp32 from the stored values, so it matches the
-    float64 reference on those values to fp32 precision (as the fp32 head); the kept
-    exponentials are bf16 (each term of a gradient sum <= 2^-9 relative off) and the sampled
-    rows' gradient is rounded to bf16, so gradients are within ~2^-8 of their scale."""
-    for sparse, chunk, emb_dtype in [(True, None, torch.float32), (False, 5, torch.float32),
-                                     (True, None, torch.bfloat16)]:
-        for r in run_ranks(world, _bf16_head_worker, sparse, chunk, emb_dtype):
+def test_low_precision_head_matches_dense_reference(world, weight_dtype):
+    """bf16 / int8 storage: the loss is computed in fp32 from the stored (decoded) values, so it
+    matches the float64 reference on those values to fp32 precision (as the fp32 head); the
+    kept exponentials are bf16 (each term of a gradient sum <= 2^-9 relative off) and the
+    sampled rows' gradient is rounded to bf16, so gradients are within ~2^-8 of their scale.
+    int8 decodes exactly what the reference decodes (code x scale / 127). Planted bug caught:
+    int8 rows decoded without their scale (the logits do not change, the rows' gradient is off
+    by the scale's inverse)."""
+    for sparse, chunk, emb_dtype in LOW_HEADS[weight_dtype]:
+        for r in run_ranks(world, _low_head_worker, weight_dtype, sparse, chunk, emb_dtype):
             cfg = (sparse, chunk, emb_dtype)
             tol = 2e-5 if emb_dtype == torch.float32 else 1e-2   # bf16 matmuls: 2^-8 relative
             assert abs(r["loss"] - r["ref"]) <= tol * max(1.0, abs(r["ref"])), (cfg, r["loss"], r["ref"])
@@ -326,3 +529,113 @@ def test_bf16_head_matches_dense_reference(world):
                 escale = r["ref_egrad"].abs().max()
                 etol = 1e-2 if emb_dtype == torch.float32 else 3e-2
                 assert (r["egrad"] - r["ref_egrad"]).abs().max() <= etol * escale, cfg
+
+
+def test_int8_head_gradient_accumulates_like_autograd():
+    """int8 codes cannot require grad: the head sets weight.grad itself (sparse bf16). A second
+    backward (gradient accumulation) adds to it as autograd would (sample rate 1: the same rows,
+    so exactly twice); a deepcopy (which forgets grad_dtype and row_scale) works on its own
+    scales; the
+    codes and scales are 1 + 4/D bytes per center element; frozen embeddings still train the
+    centers, a frozen head (requires_grad_(False)) gets no gradient. Planted bug caught:
+    weight.grad replaced instead of summed."""
+    import copy
+    x, y = torch.randn(6, D), torch.randint(0, C, (6,))
+    head = PartialFC(ArcFace(64.0, 0.5), D, C, 1.0, sparse_grad=True, seed=3,
+                     weight_dtype=torch.int8)
+    assert not head.weight.requires_grad and head.weight.row_scale is head.weight_scale
+    head(x, y).backward()
+    once = head.weight.grad.to_dense()
+    assert head.weight.grad.dtype == torch.bfloat16 and head.weight.grad.is_sparse
+    head(x, y).backward()
+    assert torch.equal(head.weight.grad.to_dense(), once * 2)
+    clone = copy.deepcopy(head)
+    clone.weight.grad = None
+    clone(x, y).backward()
+    assert clone.weight.row_scale is clone.weight_scale      # linked again by forward
+    assert torch.equal(clone.weight.grad.to_dense(), once)
+    xg = x.clone().requires_grad_(True)
+    clone.requires_grad_(False)(xg, y).backward()
+    assert torch.equal(clone.weight.grad.to_dense(), once) and xg.grad is not None
+    assert head.weight_scale.grad is None
+    nbytes = sum(t.numel() * t.element_size() for t in (head.weight, head.weight_scale))
+    assert nbytes == C * D + C * 4
+
+
+class _FakeEngine:
+    """Just what HybridEngine drives of a DeepSpeed engine: an identity backbone without
+    parameters, `gas` micro-steps per step, and whether a boundary step was applied (False: an
+    fp16 overflow)."""
+
+    def __init__(self, gas, applied):
+        from types import SimpleNamespace
+        self.gas, self.applied, self.micro, self.global_steps = gas, applied, 0, 0
+        self.module, self.lr_scheduler, self.dp_world_size = torch.nn.Identity(), None, 1
+        self.optimizer = SimpleNamespace(param_groups=[{"lr": 0.1}])
+
+    def __call__(self, images):
+        return images
+
+    def bfloat16_enabled(self):
+        return False
+
+    fp16_enabled = bfloat16_enabled
+
+    def gradient_accumulation_steps(self):
+        return self.gas
+
+    def backward(self, loss, scale_wrt_gas=False):
+        pass
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro + 1) % self.gas == 0
+
+    def step(self):
+        self.micro += 1
+
+    def was_step_applied(self):
+        return self.applied
+
+
+def test_int8_head_under_hybrid_engine_accumulates_clips_and_skips():
+    """HybridEngine reads an int8 head's weight.grad as any head's: two micro-steps accumulate,
+    the sum is clipped by its norm, the optimizer steps once; equal bit for bit to the same
+    done by hand. On an overflow (step not applied) the codes, scales and state stay and the
+    gradient is dropped. Planted bug caught: the head's gradient delivered only on the first
+    micro-step (weight.grad set once)."""
+    import copy
+
+    from hybrid_fc.training.engine import HybridEngine
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(6, D, generator=g), torch.randint(0, C, (6,), generator=g))
+               for _ in range(2)]
+    head = PartialFC(ArcFace(64.0, 0.5), D, C, 1.0, sparse_grad=True, seed=3,
+                     weight_dtype=torch.int8)
+    ref = copy.deepcopy(head)
+
+    def optimizer(h):
+        return SparseSGD(h.parameters(), lr=0.1, momentum=0.9, state_dtype=torch.int4, seed=2)
+    hybrid = HybridEngine(_FakeEngine(gas=2, applied=True), head, optimizer(head),
+                          max_grad_norm=0.05)
+    applied = [(hybrid.forward_backward(x, y), hybrid.step())[1] for x, y in batches]
+    assert applied == [False, True]
+    opt = optimizer(ref)
+    parts = []
+    for x, y in batches:                          # each micro-step's gradient on its own
+        ref.weight.grad = None
+        (ref(x, y) / 2).backward()
+        parts.append(ref.weight.grad)
+    grad = ref.weight.grad = parts[0] + parts[1]
+    norm = grad.coalesce().values().float().pow(2).sum().sqrt()
+    assert abs(hybrid.last_head_grad_norm.item() - norm.item()) <= 1e-6 * norm.item()
+    assert norm > 0.05                                        # the clip was active
+    grad.mul_(torch.clamp(0.05 / (norm + 1e-6), max=1.0).to(grad.dtype))
+    opt.step()
+    assert torch.equal(head.weight, ref.weight) and torch.equal(head.weight_scale,
+                                                                ref.weight_scale)
+    assert head.weight.grad is None
+    before = (head.weight.clone(), head.weight_scale.clone())
+    skipped = HybridEngine(_FakeEngine(gas=1, applied=False), head, hybrid.head_optimizer)
+    skipped.forward_backward(*batches[0])
+    assert skipped.step() is False and head.weight.grad is None
+    assert torch.equal(head.weight, before[0]) and torch.equal(head.weight_scale, before[1])

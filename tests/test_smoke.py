@@ -5,8 +5,8 @@ them (fresh processes, the real launchers), so that none of them can rot unnotic
   launch/export.py (plain python) on its checkpoint, launch/extract.py under
   `torchrun --nproc_per_node 2` on the exported backbone, launch/eval.py (plain python; under
   the deepspeed launcher in tests/test_export.py),
-* benchmarks/data_bench.py (local disk and a local S3 server) and benchmarks/learning_check.py
-  with flags for a tiny shape (head_bench.py: a README block).
+* benchmarks/data_bench.py (local disk and a local S3 server), benchmarks/center_codes.py and
+  benchmarks/learning_check.py with flags for a tiny shape (head_bench.py: a README block).
 
 Each asserts what the script promises to write or print, not only its exit status.
 """
@@ -85,6 +85,15 @@ def test_export_extract_eval_command_lines(quickstart, tmp_path):
     assert result["name"] == "heldout_pairs" and result["num_pairs"] == 40
     assert result["accuracy"] == final["accuracy"] and result["threshold"] == final["threshold"]
     assert f"{100 * result['accuracy']:.2f}" in stdout
+
+
+def test_center_codes_tiny(tmp_path):
+    _run([sys.executable, os.path.join(ROOT, "benchmarks", "center_codes.py"), "--rows", "40",
+          "--dim", "16", "--json", str(tmp_path / "r.json")], cwd=tmp_path)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r) == {"representation", "one_write", "drift", "speed"}
+    assert set(r["one_write"]) == {"bf16", "int8", "float8_e4m3fn"}
+    assert r["representation"]["gaussian/int8"]["rel_rms"] > 0
 
 
 def test_data_bench_tiny(tmp_path):

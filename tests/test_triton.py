@@ -260,6 +260,49 @@ def test_triton_low_precision_within_tolerance_of_dense_reference():
                 assert e_err <= tol[1] and w_err <= tol[1], (backend, r)
 
 
+def _int8_worker(rank, world):
+    """int8 centers (codes + one fp32 scale per row, decoded inside the kernels) against the
+    float64 dense reference over exactly the decoded centers, and against the torch path."""
+    _interpreted()
+    from hybrid_fc.head.partial_fc import init_center_parts
+    sizes = BATCHES[world]
+    emb, labels = _labels_and_embeddings(sum(sizes), seed=13)
+    margin = ArcFace(64.0, 0.5)
+    parts = init_center_parts(0, C, D, SEED, dtype=torch.int8)
+    w = (parts[""].double() * parts["_scale"].double().unsqueeze(1) / 127).requires_grad_(True)
+    e = emb.clone().requires_grad_(True)
+    ref = dense_margin_ce(e, w, labels, margin)
+    ref.backward()
+    x, y = _local(emb, sizes, rank).float(), _local(labels, sizes, rank)
+    res = {}
+    for backend in ("torch", "triton"):
+        head, loss, egrad, wgrad = _run_head(backend, margin, x, y, sparse_grad=True,
+                                             weight_dtype=torch.int8)
+        res[backend] = (loss, egrad.double(), wgrad.double())
+    lo, hi = head.class_start, head.class_start + head.num_local
+    ref_e, ref_w = world * _local(e.grad, sizes, rank), w.grad[lo:hi]
+    assert CALLS == {"forward_stats": 1, "backward": 1}, CALLS
+    return dict(ref=ref.item(), loss=res["triton"][0], torch_loss=res["torch"][0],
+                egrad_err=(res["triton"][1] - ref_e).abs().max().item() if x.shape[0] else 0.0,
+                escale=ref_e.abs().max().item() if x.shape[0] else 1.0,
+                wgrad_err=(res["triton"][2] - ref_w).abs().max().item(),
+                wscale=ref_w.abs().max().item())
+
+
+def test_triton_int8_centers_match_dense_reference():
+    """Tolerances: the loss is fp32 on exactly the decoded rows (2e-5 relative, as for fp32
+    centers; 1e-5 against the torch path, which decodes bit for bit alike); d E is fp32
+    throughout in the kernels (1e-4 of its scale); the rows' gradient is computed in fp32 and
+    rounded to bf16 once (2^-9 relative per element): within 2^-8 of its scale. Planted bug
+    caught: the kernels' decode factor scale / 128 (the cosines do not change, the inverse
+    norms handed to the rows' projection do: the rows' gradient is ~1% off)."""
+    for r in run_interpreted(2, _int8_worker):          # 19 + 18 classes
+        assert abs(r["loss"] - r["ref"]) <= 2e-5 * max(1.0, r["ref"]), r
+        assert abs(r["loss"] - r["torch_loss"]) <= 1e-5 * max(1.0, r["ref"]), r
+        assert r["egrad_err"] <= 1e-4 * max(1e-3, r["escale"]), r
+        assert r["wgrad_err"] <= 2 ** -8 * r["wscale"], r
+
+
 def _many_blocks_worker(rank, world):
     """One rank, 45 rows (3 row blocks, the last ragged) x 37 columns x 40 dims (3 D tiles) with
     both forward splits; the loss and gradients equal the torch backend's."""

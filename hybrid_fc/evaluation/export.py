@@ -19,7 +19,8 @@ PyTorch's within `atol` (default 1e-4: fp32 kernels with different summation ord
 graph, whose error is O(1)).
 
 Class centers: the head shards `hybrid/head-rank*.pt` concatenated by their class ranges into
-one (C, D) fp32 matrix, written through a memory map (C x D x 4 bytes; never all in RAM).
+one (C, D) fp32 matrix (bf16 widened, int8 codes decoded with their row scales), written
+through a memory map (C x D x 4 bytes; never all in RAM).
 """
 import contextlib
 import copy
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..head.precision import weight_code
 from ..runtime import join_process_group, starting_up
 from ..training.checkpoint import (CheckpointError, backbone_file, deepspeed_model_states,
                                    head_shards, load_file, model_config, read_meta,
@@ -42,6 +44,8 @@ __all__ = ["CheckpointError", "OnnxExportError", "resolve_checkpoint", "load_bac
            "load_backbone", "load_for_inference", "save_backbone", "export_class_centers",
            "export_onnx", "check_onnx", "import_factory", "add_checkpoint_args",
            "model_overrides", "OnnxBackbone", "load_onnx_for_inference"]
+
+_EXPORT_ROWS = 1 << 16  # centers decoded this many rows at a time (16 MB of fp32 at D=64)
 
 class OnnxExportError(RuntimeError):
     """The backbone cannot be exported to ONNX with a dynamic batch, or the file disagrees
@@ -280,8 +284,9 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
 
     With `out` (a .npy path) it is written through a memory map and the path is returned;
     without, the tensor is returned (for small heads). Centers stored in bf16
-    (head.weight_dtype=bfloat16) are widened to fp32 exactly; `report` (e.g. print) is told the
-    stored dtype when it is not fp32."""
+    (head.weight_dtype=bfloat16) are widened to fp32 exactly, int8 codes are decoded with their
+    row scales (code x scale / 127 per row, in fp32), a block of rows at a time; `report` (e.g.
+    print) is told the stored dtype when it is not fp32."""
     save_dir, tag = resolve_checkpoint(path, tag)
     if not os.path.isdir(os.path.join(save_dir, tag, "hybrid")):
         raise CheckpointError(f"{os.path.join(save_dir, tag)} has no hybrid/ folder: not a "
@@ -298,8 +303,13 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
     stored = set()
     try:
         for shard, lo, hi in head_shards(save_dir, tag, meta, 0, C):
+            code = weight_code(shard["weight"].dtype)
+            parts = {"": shard["weight"], "_scale": shard.get("weight_scale")}
             s = shard["class_start"]
-            centers[lo:hi] = shard["weight"][lo - s:hi - s].float().numpy()
+            for a in range(lo, hi, _EXPORT_ROWS):  # fp32 temporaries of one block only
+                b = min(hi, a + _EXPORT_ROWS)
+                centers[a:b] = code.decode({k: parts[k][a - s:b - s] for k in code.parts}
+                                           ).numpy()
             stored.add(str(shard["weight"].dtype).replace("torch.", ""))
         if tmp is not None:
             centers.flush()
@@ -313,8 +323,10 @@ def export_class_centers(path: str, out: Optional[str] = None, tag: Optional[str
                 pass
         raise
     if report is not None and stored != {"float32"}:
+        how = {"bfloat16": "every bf16 value is exactly an fp32 value",
+               "int8": "int8 codes decoded with their per-row fp32 scales"}
         report(f"class centers: stored as {', '.join(sorted(stored))} in the checkpoint, "
-               "written as float32 (every bf16 value is exactly an fp32 value)")
+               f"written as float32 ({'; '.join(how[d] for d in sorted(stored) if d in how)})")
     if out is not None:
         return out
     return torch.from_numpy(centers)

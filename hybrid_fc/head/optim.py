@@ -11,29 +11,38 @@ every step the update is identical to torch.optim.SGD / torch.optim.AdamW.
 Dense gradients are accepted too and then update every row, exactly like the torch optimizers.
 
 Storage (hybrid_fc.head.precision), everything computed in fp32 in between:
-  * weights: fp32 (updated in place, the exact path) or bfloat16 with **no fp32 master copy**
-    (PartialFC(weight_dtype=torch.bfloat16)): each touched row is read as fp32, updated, and
-    written back with stochastic rounding (`rounding="stochastic"`, the default) or to nearest
-    (`rounding="nearest"`). The random bits come from the optimizer's own counter-based stream:
-    group["seed"] and a per-parameter step counter `state["rounding_step"]` (saved in
-    `state_dict()` and in hybrid_fc checkpoints), keyed by *global* row id
-    (`param.row_offset` + local row, set by PartialFC), so a resumed run rounds exactly as an
-    uninterrupted one, at any number of ranks.
-  * state (`state_dtype`): float32, bfloat16, float16, or int8 with one fp32 scale per row
-    (`<key>_scale`): momentum / first moment in a linear code, the second moment in a log code.
-    At D=512 int8 state costs 1.008 bytes per element instead of 4.
+  * weights: fp32 (updated in place, the exact path), or bfloat16 / int8 with **no fp32 master
+    copy** (PartialFC(weight_dtype=torch.bfloat16 or torch.int8)): each touched row is read as
+    fp32, updated, and written back with stochastic rounding (`rounding="stochastic"`, the
+    default) or to nearest (`rounding="nearest"`, the ablation). int8 centers are linear codes
+    with one fp32 scale per row (`param.row_scale`, set by PartialFC), re-encoded from the
+    updated row's absmax at every update. The random bits come from the optimizer's own
+    counter-based stream: group["seed"] and a per-parameter step counter
+    `state["rounding_step"]` (saved in `state_dict()` and in hybrid_fc checkpoints), keyed by
+    *global* row id (`param.row_offset` + local row, set by PartialFC), so a resumed run rounds
+    exactly as an uninterrupted one, at any number of ranks.
+  * state (`state_dtype`): float32, bfloat16, float16, int8 with one fp32 scale per row
+    (`<key>_scale`): momentum / first moment in a linear code, the second moment in a log code;
+    or int4: momentum / first moment as 4-bit linear codes, two per byte, with one fp32 scale
+    per row, stochastically rounded from sub-stream 1 (2, ... for further signed keys) of the
+    same counter-based bits; AdamW's second moment then stays int8 (16 levels cannot cover its
+    range), so int4 AdamW state is 1.5 bytes per element against SGD's 0.5. At D=256 int8
+    state costs 1.016 bytes per element and int4 0.516, instead of 4.
 """
 from typing import Iterable, Optional, Tuple
 
 import torch
 
-from .precision import (ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, decode_rows, dtype_name,
-                        encode_rows,
-                        round_to_bf16, rounding_bits)
+from .precision import (ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, dtype_name, rounding_bits,
+                        state_code, weight_code)
 
 __all__ = ["SparseSGD", "SparseAdamW", "HEAD_OPTIMIZERS", "make_head_optimizer"]
 
-ROW_BLOCK_ELEMS = 1 << 22  # rows are updated in blocks of ~4M elements (16 MB fp32 temporaries)
+# Rows are updated in blocks of ~256K elements: the block's fp32 temporaries (1 MB each) stay
+# in a CPU core's L2 cache between the ~20-30 passes of decode, update, stochastic rounding and
+# encode (measured on this project's 2-core VM: int8 centers + int4 momentum 12-18 ns per
+# element at 2^18, 19-30 at 2^22; bf16 + int8 7 vs 11; smaller blocks pay Python per block).
+ROW_BLOCK_ELEMS = 1 << 18
 HEAD_OPTIMIZERS = ("sgd", "adamw", "sparse_sgd", "sparse_adamw")
 """Head optimizer names (`make_head_optimizer`): torch's SGD / AdamW (dense gradients, fp32
 centers only) or this module's row-wise SparseSGD / SparseAdamW (any storage)."""
@@ -114,13 +123,84 @@ class _Rows:
         return self.index + offset
 
 
-class _RowwiseOptimizer(torch.optim.Optimizer):
-    """Shared step loop and storage: each parameter with a gradient goes to `_update` block by
-    block as (rows, fp32 gradient values); `_read` / `_write` convert weights and state between
-    their storage dtype and fp32."""
+class _ParamStep:
+    """One parameter's storage during one step: its weight code and its state codes
+    (hybrid_fc.head.precision), read and written a block of rows at a time in fp32."""
 
-    # key -> signed (linear int8 code) or not (log int8 code); set by subclasses
+    def __init__(self, p, group, state, state_keys):
+        self.p, self.group, self.state = p, group, state
+        self.w2 = _as_rows(p)
+        self.exact = p.dtype == torch.float32
+        self.weight_code = weight_code(p.dtype)
+        scale = getattr(p, "row_scale", None)
+        if "_scale" in self.weight_code.parts and scale is None:
+            raise ValueError(f"a {p.dtype} parameter needs its per-row scales as "
+                             "param.row_scale (PartialFC(weight_dtype=torch.int8) sets them)")
+        self.weight_parts = dict(zip(self.weight_code.parts, (self.w2, scale)))
+        width = self.w2.shape[1]
+        self.codes = {key: state_code(group["state_dtype"], signed, width)
+                      for key, signed in state_keys.items()}
+        self.streams = {key: i + 1 for i, key in enumerate(state_keys)}
+        self.offset = int(getattr(p, "row_offset", 0))
+
+    @property
+    def random(self) -> bool:
+        """Whether this step draws rounding bits (and so advances the rounding stream)."""
+        return not self.exact or any(c.stochastic_only for c in self.codes.values())
+
+    def init_state(self) -> None:
+        for key, code in self.codes.items():
+            if key not in self.state:
+                for suffix, t in code.empty(self.p.shape, self.p.device).items():
+                    self.state[key + suffix] = t
+
+    def _bits(self, sel, stream: int, width: int) -> torch.Tensor:
+        return rounding_bits(self.group["seed"], self.state["rounding_step"],
+                             sel.global_ids(self.offset, self.p.device), width, stream)
+
+    def _parts(self, key: str, code):
+        return {s: (_as_rows(self.state[key]) if not s else self.state[key + s])
+                for s in code.parts}
+
+    def read_weight(self, sel) -> torch.Tensor:
+        """fp32 copy of the block's rows (decoded)."""
+        return self.weight_code.decode({s: sel.take(t) for s, t in self.weight_parts.items()})
+
+    def write_weight(self, sel, w: torch.Tensor) -> None:
+        """Store fp32 rows `w` (consumed): as they are (fp32), else rounded stochastically from
+        stream 0 or to nearest."""
+        bits = None
+        if not self.exact and self.group["rounding"] == "stochastic":
+            bits = self._bits(sel, 0, w.shape[1])
+        for suffix, value in self.weight_code.encode(w, bits).items():
+            sel.put(self.weight_parts[suffix], value)
+
+    def read(self, key: str, sel, factor: float = 1.0) -> torch.Tensor:
+        """fp32 copy of `factor` x state `key` on the block's rows (for scaled codes the factor
+        folds into the row scale: no extra pass)."""
+        code = self.codes[key]
+        return code.decode({s: sel.take(t) for s, t in self._parts(key, code).items()}, factor)
+
+    def write(self, key: str, sel, value: torch.Tensor) -> None:
+        """Store fp32 `value` (consumed) as state `key` on the block's rows."""
+        code = self.codes[key]
+        bits = self._bits(sel, self.streams[key], value.shape[1]) if code.stochastic_only \
+            else None
+        parts = self._parts(key, code)
+        for suffix, v in code.encode(value, bits).items():
+            sel.put(parts[suffix], v)
+
+
+class _RowwiseOptimizer(torch.optim.Optimizer):
+    """Shared step loop: each parameter with a gradient goes to `_update` block by block as
+    (rows, fp32 gradient values), with a `_ParamStep` that reads and writes its weight and
+    state in their storage."""
+
+    # key -> signed (linear code) or not (log code); set by subclasses
     _STATE_KEYS = {}
+
+    def _state_keys(self, group):
+        return self._STATE_KEYS
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -133,26 +213,26 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.dtype not in WEIGHT_DTYPES:
-                    raise TypeError(f"{type(self).__name__} updates float32 or bfloat16 "
+                    raise TypeError(f"{type(self).__name__} updates "
+                                    f"{', '.join(dtype_name(d) for d in WEIGHT_DTYPES)} "
                                     f"parameters; got a {p.dtype} parameter")
                 rows, values = _rows_and_values(p, p.grad)
-                state = self.state[p]
-                self._init_state(p, group, state)
-                if p.dtype != torch.float32:
-                    state["rounding_step"] = state.get("rounding_step", 0) + 1
-                w2, v2 = _as_rows(p), values.reshape(values.shape[0] if values.dim() else 1, -1)
-                n = w2.shape[0] if rows is None else rows.shape[0]
-                step = max(1, ROW_BLOCK_ELEMS // max(1, w2.shape[1]))
+                ps = _ParamStep(p, group, self.state[p], self._state_keys(group))
+                self._init_state(ps)
+                if ps.random:
+                    ps.state["rounding_step"] = ps.state.get("rounding_step", 0) + 1
+                v2 = values.reshape(values.shape[0] if values.dim() else 1, -1)
+                n = ps.w2.shape[0] if rows is None else rows.shape[0]
+                step = max(1, ROW_BLOCK_ELEMS // max(1, ps.w2.shape[1]))
                 for a in range(0, n, step):
                     b = min(n, a + step)
                     sel = _Rows(a, b, None if rows is None else rows[a:b])
-                    g = v2[a:b].to(torch.float32)
-                    self._update(p, w2, group, state, sel, g)
+                    self._update(ps, sel, v2[a:b].to(torch.float32))
         return loss
 
     def load_state_dict(self, state_dict):
         """torch's loader casts every state tensor but "step" to the parameter's dtype, which
-        would turn int8 codes, fp32 row scales and int64 row steps into bf16: the saved
+        would turn int8 / 4-bit codes, fp32 row scales and int64 row steps into bf16: the saved
         dtypes are put back here (values moved to the parameter's device only)."""
         super().load_state_dict(state_dict)
         by_id = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
@@ -165,48 +245,10 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
                 if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
-    # -- storage ---------------------------------------------------------------------------
-    def _init_state(self, p, group, state):
-        dtype = group["state_dtype"]
-        for key in self._STATE_KEYS:
-            if key in state:
-                continue
-            if dtype == torch.int8:
-                state[key] = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
-                state[key + "_scale"] = torch.zeros(_as_rows(p).shape[0], device=p.device)
-            else:
-                state[key] = torch.zeros_like(p, dtype=dtype)
+    def _init_state(self, ps: _ParamStep) -> None:
+        ps.init_state()
 
-    def _read(self, state, key, sel: _Rows, factor: float = 1.0) -> torch.Tensor:
-        """fp32 copy of `factor` x state `key` on the block's rows (the factor folds into the
-        int8 row scale: no extra pass)."""
-        t = _as_rows(state[key])
-        if t.dtype == torch.int8:
-            return decode_rows(sel.take(t), sel.take(state[key + "_scale"]) * factor,
-                               self._STATE_KEYS[key])
-        out = sel.take(t).to(torch.float32)
-        return out.mul_(factor) if factor != 1.0 else out
-
-    def _write(self, state, key, sel: _Rows, value: torch.Tensor) -> None:
-        """Store fp32 `value` (consumed) as state `key` on the block's rows."""
-        t = _as_rows(state[key])
-        if t.dtype == torch.int8:
-            codes, scale = encode_rows(value, self._STATE_KEYS[key])
-            sel.put(t, codes)
-            sel.put(state[key + "_scale"], scale)
-        else:
-            sel.put(t, value.to(t.dtype))
-
-    def _write_weight(self, p, w2, group, state, sel: _Rows, w: torch.Tensor) -> None:
-        """Store fp32 rows `w` (consumed) into a low-precision parameter."""
-        bits = None
-        if group["rounding"] == "stochastic":
-            offset = int(getattr(p, "row_offset", 0))
-            bits = rounding_bits(group["seed"], state["rounding_step"],
-                                 sel.global_ids(offset, p.device), w.shape[1])
-        sel.put(w2, round_to_bf16(w, bits))
-
-    def _update(self, p, w2, group, state, sel, g):  # pragma: no cover - abstract
+    def _update(self, ps: _ParamStep, sel: _Rows, g: torch.Tensor):  # pragma: no cover
         raise NotImplementedError
 
 
@@ -216,8 +258,8 @@ class SparseSGD(_RowwiseOptimizer):
     Per touched row: m = momentum * m + (g + weight_decay * w); w -= lr * m
     (torch.optim.SGD with dampening=0, nesterov=False; a fresh row's m starts at 0, which
     equals torch's first-step m = g).
-    state_dtype: momentum storage (float32, bfloat16, float16, int8). rounding / seed: how a
-    bfloat16 parameter is written back (module docstring).
+    state_dtype: momentum storage (float32, bfloat16, float16, int8, int4). rounding / seed: how
+    a bfloat16 or int8 parameter is written back (module docstring).
     """
 
     _STATE_KEYS = {"momentum_buffer": True}
@@ -231,29 +273,26 @@ class SparseSGD(_RowwiseOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       state_dtype=state_dtype, rounding=rounding, seed=int(seed)))
 
-    def _init_state(self, p, group, state):
-        if group["momentum"]:
-            super()._init_state(p, group, state)
+    def _state_keys(self, group):
+        return self._STATE_KEYS if group["momentum"] else {}
 
-    def _update(self, p, w2, group, state, sel, g):
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        exact = p.dtype == torch.float32
-        w = sel.take(w2).to(torch.float32) if (wd or not exact) else None   # (c, D) fp32
+    def _update(self, ps, sel, g):
+        lr, mu, wd = ps.group["lr"], ps.group["momentum"], ps.group["weight_decay"]
+        w = ps.read_weight(sel) if (wd or not ps.exact) else None   # (c, D) fp32
         if mu:  # m = momentum * m + g + weight_decay * w
-            d = self._read(state, "momentum_buffer", sel, factor=mu).add_(g)
+            d = ps.read("momentum_buffer", sel, factor=mu).add_(g)
             if wd:
                 d.add_(w, alpha=wd)
         else:
             d = g.add(w, alpha=wd) if wd else g
-        if exact:
-            if sel.index is None:
-                w2[sel.a:sel.b].add_(d, alpha=-lr)
-            else:
-                w2.index_add_(0, sel.index, d, alpha=-lr)    # w -= lr * m on the touched rows
+        if not ps.exact:
+            ps.write_weight(sel, w.add_(d, alpha=-lr))
+        elif sel.index is None:
+            ps.w2[sel.a:sel.b].add_(d, alpha=-lr)
         else:
-            self._write_weight(p, w2, group, state, sel, w.add_(d, alpha=-lr))
+            ps.w2.index_add_(0, sel.index, d, alpha=-lr)    # w -= lr * m on the touched rows
         if mu:
-            self._write(state, "momentum_buffer", sel, d)
+            ps.write("momentum_buffer", sel, d)
 
 
 class SparseAdamW(_RowwiseOptimizer):
@@ -261,8 +300,9 @@ class SparseAdamW(_RowwiseOptimizer):
 
     Each row keeps its own step count for bias correction, so a row sampled k times has had
     exactly the k Adam updates torch.optim.AdamW would apply to a parameter updated k times.
-    state_dtype: storage of exp_avg / exp_avg_sq (float32, bfloat16, float16, int8); rounding /
-    seed: how a bfloat16 parameter is written back (module docstring).
+    state_dtype: storage of exp_avg / exp_avg_sq (float32, bfloat16, float16, int8, or int4:
+    exp_avg 4-bit, exp_avg_sq int8); rounding / seed: how a bfloat16 or int8 parameter is
+    written back (module docstring).
     """
 
     _STATE_KEYS = {"exp_avg": True, "exp_avg_sq": False}
@@ -280,29 +320,27 @@ class SparseAdamW(_RowwiseOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       state_dtype=state_dtype, rounding=rounding, seed=int(seed)))
 
-    def _init_state(self, p, group, state):
-        super()._init_state(p, group, state)
-        if "step" not in state:
-            state["step"] = torch.zeros(_as_rows(p).shape[0], dtype=torch.int64, device=p.device)
+    def _init_state(self, ps):
+        ps.init_state()
+        if "step" not in ps.state:
+            ps.state["step"] = torch.zeros(ps.w2.shape[0], dtype=torch.int64, device=ps.p.device)
 
-    def _update(self, p, w2, group, state, sel, g):
+    def _update(self, ps, sel, g):
+        group = ps.group
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        w = sel.take(w2).to(torch.float32)
-        m = self._read(state, "exp_avg", sel).mul_(b1).add_(g, alpha=1 - b1)
-        v = self._read(state, "exp_avg_sq", sel).mul_(b2).addcmul_(g, g, value=1 - b2)
-        t = sel.take(state["step"]) + 1                                    # (c,)
+        w = ps.read_weight(sel)
+        m = ps.read("exp_avg", sel).mul_(b1).add_(g, alpha=1 - b1)
+        v = ps.read("exp_avg_sq", sel).mul_(b2).addcmul_(g, g, value=1 - b2)
+        t = sel.take(ps.state["step"]) + 1                                 # (c,)
         bc1 = (1 - b1 ** t.double()).float().unsqueeze(1)
         bc2 = (1 - b2 ** t.double()).float().unsqueeze(1)
         w.mul_(1 - lr * wd)
         denom = (v / bc2).sqrt_().add_(eps)
         w.addcdiv_(m, denom.mul_(bc1), value=-lr)
-        if p.dtype == torch.float32:
-            sel.put(w2, w)
-        else:
-            self._write_weight(p, w2, group, state, sel, w)
-        self._write(state, "exp_avg", sel, m)
-        self._write(state, "exp_avg_sq", sel, v)
-        sel.put(state["step"], t)
+        ps.write_weight(sel, w)
+        ps.write("exp_avg", sel, m)
+        ps.write("exp_avg_sq", sel, v)
+        sel.put(ps.state["step"], t)
 
 
 def make_head_optimizer(name: str, params, *, lr: float, momentum: float = 0.9,

@@ -7,7 +7,7 @@ Each rank owns a contiguous slice of the C class centers (hybrid_fc.head.partiti
   4. score against the sampled, normalized centers with the margin on the target logit and a
      cross-rank log-sum-exp (hybrid_fc.head.loss), giving the mean loss of the global batch.
 """
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,10 @@ from . import kernels
 from .loss import sharded_margin_softmax_ce
 from .margins import MarginBase
 from .partition import ClassRange
-from .precision import WEIGHT_DTYPES, parse_dtype
+from .precision import WEIGHT_DTYPES, dtype_name, parse_dtype, weight_code
 from .sampler import num_sample_for, sample_classes
 
-__all__ = ["PartialFC", "init_class_centers", "auto_block_elems"]
+__all__ = ["PartialFC", "init_class_centers", "init_center_parts", "auto_block_elems"]
 
 _INIT_BLOCK = 1 << 16  # classes per independently seeded init block
 # Logit elements per block when chunk_size is None (64 MB of fp32 temporaries per block).
@@ -31,8 +31,8 @@ _AUTO_BLOCK_ELEMS = 1 << 24
 
 
 def auto_block_elems(weight_dtype: torch.dtype, device) -> int:
-    """Logit elements per block when chunk_size is None. bf16 storage on a CPU: 1/16 of it, so
-    that its extra conversion passes run in cache (and its point, memory, is not spent on
+    """Logit elements per block when chunk_size is None. bf16 / int8 storage on a CPU: 1/16 of
+    it, so that its extra conversion passes run in cache (and its point, memory, is not spent on
     temporaries); GPUs keep large blocks (fewer kernel launches)."""
     if weight_dtype != torch.float32 and torch.device(device).type == "cpu":
         return _AUTO_BLOCK_ELEMS // 16
@@ -51,16 +51,19 @@ def _dtype_name(code: int) -> str:
     return str(_DTYPES[code]) if code < len(_DTYPES) else "another dtype"
 
 
-def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0.01,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rows [start, end) of a (C, dim) N(0, std^2) matrix that does not depend on the sharding.
+def init_center_parts(start: int, end: int, dim: int, seed: int, std: float = 0.01,
+                      dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """Rows [start, end) of a (C, dim) N(0, std^2) matrix that does not depend on the sharding,
+    stored as `dtype` (hybrid_fc.head.precision.weight_code): {"": the rows} for fp32 / bf16,
+    {"": int8 codes, "_scale": (end - start,) fp32 row scales} for int8.
 
     Classes are drawn in blocks of 65,536 with a seed per block, so any rank layout (and a
     single-process reference) produces the same centers for the same classes. Each block is
-    drawn in fp32 and written straight into the `dtype` output (bf16: rounded to nearest), so
-    the peak is the output plus one fp32 block, never a whole fp32 copy.
+    drawn in fp32 and encoded straight into the `dtype` output (bf16, int8: rounded to
+    nearest), so the peak is the output plus one fp32 block, never a whole fp32 copy.
     """
-    out = torch.empty(end - start, dim, dtype=dtype)
+    code = weight_code(dtype)
+    out = code.empty((end - start, dim))
     first, last = start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK
     for blk in range(first, last + 1):
         g = torch.Generator().manual_seed(stable_seed("init", seed, blk))
@@ -68,8 +71,19 @@ def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0
         a, b = max(lo, start), min(hi, end)
         # Always draw the whole block: torch's normal_ output depends on the tensor's size.
         rows = torch.empty(_INIT_BLOCK, dim).normal_(0.0, std, generator=g)
-        out[a - start:b - start] = rows[a - lo:b - lo]
+        for suffix, value in code.encode(rows[a - lo:b - lo]).items():
+            out[suffix][a - start:b - start] = value
     return out
+
+
+def init_class_centers(start: int, end: int, dim: int, seed: int, std: float = 0.01,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`init_center_parts` of a float storage (fp32, bf16) as one (end - start, dim) tensor."""
+    parts = init_center_parts(start, end, dim, seed, std, dtype)
+    if len(parts) > 1:
+        raise ValueError(f"{dtype_name(dtype)} centers are codes with row scales: use "
+                         "init_center_parts")
+    return parts[""]
 
 
 class PartialFC(nn.Module):
@@ -85,7 +99,7 @@ class PartialFC(nn.Module):
         process when torch.distributed is not initialized).
       sparse_grad: `weight.grad` is a sparse COO tensor over the sampled rows (memory O(S*D);
         use with hybrid_fc.head.optim) instead of a dense (num_local, D) tensor (works with any
-        torch optimizer).
+        torch optimizer). int8 centers need it.
       chunk_size: score the sampled rows in blocks of this many and recompute each block's
         logits in backward, so the (B*W, S) logits never exist at once (one extra matmul).
         None keeps the (B*W, S) fp32 probabilities for backward (fastest).
@@ -96,12 +110,18 @@ class PartialFC(nn.Module):
       equal_batches: promise that every rank passes the same batch size. Together with
         check_inputs=False this removes the per-step metadata gather, the head's only host
         sync in forward (on GPUs it waits for the backbone's forward kernels).
-      weight_dtype: storage of the class centers: torch.float32 (default; exact) or
+      weight_dtype: storage of the class centers: torch.float32 (default; exact),
         torch.bfloat16 (2 bytes per element and no fp32 master copy; the sampled rows'
-        gradient and the kept exponentials are bf16 too). Update a bf16 head with
-        hybrid_fc.head.optim's SparseSGD / SparseAdamW, which compute in fp32 and write back with
-        stochastic rounding (torch's optimizers would round every update to nearest and lose
-        the ones below bf16's spacing).
+        gradient and the kept exponentials are bf16 too) or torch.int8 (1 byte per element +
+        one fp32 scale per center, `weight_scale`: `weight` holds linear codes, center =
+        weight * weight_scale / 127 per row; rows are decoded a block at a time for the loss,
+        whose math stays fp32; the rows' gradient and the kept exponentials are bf16; needs
+        sparse_grad=True). Update a bf16 or int8 head with hybrid_fc.head.optim's SparseSGD /
+        SparseAdamW, which compute in fp32 and write back with stochastic rounding (torch's
+        optimizers would round every update to nearest and lose the ones below the spacing,
+        and cannot update int8 codes at all). int8: `weight` cannot require grad (torch allows
+        that only for floating tensors); the head's backward sets `weight.grad` (sparse bf16)
+        itself, summed over micro-steps like autograd's (hybrid_fc.head.loss.CenterCodes).
       backend: "auto" (default), "torch" or "triton". triton: the fused kernels of
         hybrid_fc.head.kernels.triton_ce score the sampled rows tile by tile and never hold the
         (B*W, S) logits (chunk_size then only sizes the blocks of the rows' gradient
@@ -112,7 +132,11 @@ class PartialFC(nn.Module):
 
     Precision: embeddings in bf16/fp16 make the matmuls run in that precision; normalization of
     the centers, softmax statistics, loss and the accumulation of gradients are fp32.
-    `weight.row_offset` (= class_start) tells hybrid_fc.head.optim the global class id of row 0.
+    `weight.row_offset` (= class_start) tells hybrid_fc.head.optim the global class id of row 0;
+    with int8 centers `weight.row_scale` is `weight_scale` (a Parameter, so that `.to(device)`
+    keeps the object the optimizer follows; it requires grad but its `.grad` stays None:
+    hybrid_fc.head.loss.CenterCodes). Both are set again at every forward: a deepcopy or
+    load_state_dict(assign=True) makes Parameter objects without them.
     """
 
     def __init__(self, margin_loss: MarginBase, embedding_size: int, num_classes: int,
@@ -133,6 +157,10 @@ class PartialFC(nn.Module):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         weight_dtype = parse_dtype(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
+        if weight_dtype == torch.int8 and not sparse_grad:
+            raise ValueError("weight_dtype=int8 needs sparse_grad=True (head.sparse_grad=true): "
+                             "a dense gradient would hold 2 bytes per center element, twice "
+                             "the int8 centers, and only the row-wise optimizers update them")
         self.backend = kernels.check_backend(backend)
         self.process_group = process_group
         self.world_size = group_size(process_group)
@@ -153,11 +181,24 @@ class PartialFC(nn.Module):
         self.class_start = self.class_range.start
         self.num_local = self.class_range.num_local
         self.num_sample = num_sample_for(self.sample_rate, self.num_local)
-        weight = init_class_centers(self.class_start, self.class_range.end, embedding_size, seed,
-                                    dtype=weight_dtype)
-        self.weight = nn.Parameter(weight.to(device) if device is not None else weight)
-        self.weight.row_offset = self.class_start  # global class id of row 0 (hybrid_fc.head.optim)
+        parts = init_center_parts(self.class_start, self.class_range.end, embedding_size, seed,
+                                  dtype=weight_dtype)
+        parts = {k: v.to(device) if device is not None else v for k, v in parts.items()}
+        # int8 codes cannot require grad: CenterCodes sets weight.grad itself
+        self.weight = nn.Parameter(parts[""], requires_grad=weight_dtype.is_floating_point)
+        # int8: (num_local,) fp32 row scales, re-encoded by the optimizer with each row; they
+        # require grad to stand for the codes in autograd (hybrid_fc.head.loss.CenterCodes)
+        self.register_parameter("weight_scale", nn.Parameter(parts["_scale"])
+                                if "_scale" in parts else None)
+        self._link_weight()
         self._generator: Optional[torch.Generator] = None
+
+    def _link_weight(self) -> None:
+        """What hybrid_fc.head.optim reads from the weight: the global class id of row 0 and,
+        for int8 centers, the row scales."""
+        self.weight.row_offset = self.class_start
+        if self.weight_scale is not None:
+            self.weight.row_scale = self.weight_scale
 
     def extra_repr(self):
         return (f"margin={self.margin_loss}, embedding_size={self.embedding_size}, "
@@ -168,7 +209,7 @@ class PartialFC(nn.Module):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        """Storage dtype of the class centers (float32 or bfloat16)."""
+        """Storage dtype of the class centers (float32, bfloat16 or int8)."""
         return self.weight.dtype
 
     # -- sampler stream --------------------------------------------------------------------
@@ -282,6 +323,7 @@ class PartialFC(nn.Module):
         """
         labels, problem = self._local_problem(local_embeddings, local_labels)
         group = self.process_group
+        self._link_weight()
         # Decided before any collective: a forced backend that cannot run raises on its own
         # rank. Every rank holds the same settings and device type, so they all agree.
         kernel = None
@@ -313,4 +355,5 @@ class PartialFC(nn.Module):
                                        // emb.shape[0])
         return sharded_margin_softmax_ce(emb, self.weight, index, target, self.margin_loss, group,
                                          block=block, keep_probs=self.chunk_size is None,
-                                         sparse_grad=self.sparse_grad, kernel=kernel)
+                                         sparse_grad=self.sparse_grad, kernel=kernel,
+                                         scale=self.weight_scale)

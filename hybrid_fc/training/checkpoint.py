@@ -10,9 +10,11 @@ A run folder (`train.output_dir`; this module owns every file name in it):
 Layout of `save_dir/TAG/`:
   (DeepSpeed's own files)            engine.save_checkpoint: exact same-world-size resume
   hybrid/head-rank{r:05d}.pt         one per head rank: class range [start, start + num_local),
-                                     weight rows as stored, head-optimizer state, sampler RNG
-                                     state; the rank's own backbone buffers and rank_state
-                                     (a same-size resume restores them)
+                                     weight rows as stored (fp32, bf16, or int8 codes +
+                                     "weight_scale", one fp32 scale per row), head-optimizer
+                                     state (codes as stored), sampler RNG state; the rank's
+                                     own backbone buffers and rank_state (a same-size resume
+                                     restores them)
   hybrid/backbone.pt                 rank 0: world-size-independent backbone state: fp32 master
                                      weights, buffers (BatchNorm statistics averaged over the
                                      ranks) and optimizer state keyed by parameter
@@ -566,6 +568,15 @@ def load_backbone_state(engine, state: Dict[str, Any]) -> None:
 
 
 # -- head shards ---------------------------------------------------------------------------
+def _center_parts(head) -> Dict[str, torch.Tensor]:
+    """The head's stored center tensors by shard key: "weight" (fp32 / bf16 rows, or int8
+    codes) and, for int8, "weight_scale" ((num_local,) fp32), saved and resharded as they are."""
+    parts = {"weight": head.weight}
+    if head.weight_scale is not None:
+        parts["weight_scale"] = head.weight_scale
+    return parts
+
+
 def _head_shard(hybrid) -> Dict[str, Any]:
     head, opt = hybrid.head, hybrid.head_optimizer
     st = opt.state.get(head.weight, {})
@@ -579,7 +590,7 @@ def _head_shard(hybrid) -> Dict[str, Any]:
         "format": FORMAT, "num_classes": head.num_classes,
         "embedding_size": head.embedding_size, "world_size": head.world_size, "rank": head.rank,
         "class_start": head.class_start, "num_local": head.num_local,
-        "weight": head.weight.detach().cpu().clone(),
+        **{key: t.detach().cpu().clone() for key, t in _center_parts(head).items()},
         "optimizer": {"class": type(opt).__name__, "rows": rows, "scalars": scalars,
                       "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                        for g in opt.param_groups]},
@@ -613,6 +624,13 @@ def head_shards(save_dir: str, tag: str, meta: Dict[str, Any], start: int, end: 
                    isinstance(shard.get("num_local"), int) else "no class range and weight")
             raise CheckpointMismatch(f"{path} holds {got}; meta.json says [{s}, {s + n}) of "
                                      f"width {width}")
+        scale = shard.get("weight_scale")
+        if (weight.dtype == torch.int8) != torch.is_tensor(scale) or (
+                torch.is_tensor(scale) and tuple(scale.shape) != (n,)):
+            raise CheckpointMismatch(f"{path}: int8 center codes need one fp32 scale per row "
+                                     f"(weight_scale, ({n},)); it holds {weight.dtype} codes "
+                                     f"and {tuple(scale.shape) if torch.is_tensor(scale) else 'no'}"
+                                     " scales")
         yield shard, lo, hi
         covered += hi - lo
     if covered != end - start:
@@ -627,12 +645,20 @@ def _load_head(hybrid, load_dir: str, tag: str, meta: Dict[str, Any], same_layou
     layout is the same, else (None, None)."""
     head, opt = hybrid.head, hybrid.head_optimizer
     start, end = head.class_start, head.class_start + head.num_local
-    weight = torch.empty_like(head.weight, device="cpu")
+    mine = _center_parts(head)
+    centers = {key: torch.empty_like(t, device="cpu") for key, t in mine.items()}
     rows: Dict[str, torch.Tensor] = {}
     scalars, groups, opt_class, rng, rank_state, buffers = None, None, None, None, None, None
     for shard, lo, hi in head_shards(load_dir, tag, meta, start, end):
         s = shard["class_start"]
-        weight[lo - start:hi - start] = shard["weight"][lo - s:hi - s]
+        if (shard["weight"].dtype == torch.int8) != (head.weight.dtype == torch.int8):
+            saved = str(shard["weight"].dtype).replace("torch.", "")
+            raise CheckpointMismatch(
+                f"the checkpoint stores {saved} class centers and the head "
+                f"{str(head.weight.dtype).replace('torch.', '')} ones: int8 codes are not "
+                f"converted on load; set head.weight_dtype={saved} to resume it")
+        for key, t in centers.items():
+            t[lo - start:hi - start] = shard[key][lo - s:hi - s]
         for key, value in shard["optimizer"]["rows"].items():
             if key not in rows:
                 rows[key] = torch.empty((head.num_local,) + tuple(value.shape[1:]),
@@ -647,7 +673,8 @@ def _load_head(hybrid, load_dir: str, tag: str, meta: Dict[str, Any], same_layou
         raise CheckpointMismatch(f"head optimizer is {type(opt).__name__} but the checkpoint "
                                  f"holds {opt_class} state")
     with torch.no_grad():
-        head.weight.copy_(weight.to(head.weight.device))
+        for key, t in mine.items():
+            t.copy_(centers[key].to(t.device))
     device = head.weight.device
     new_state = {k: v.to(device) for k, v in rows.items()}
     new_state.update({k: (v.clone().to(device) if torch.is_tensor(v) else v)
@@ -698,7 +725,7 @@ def save_checkpoint(hybrid, save_dir: str, tag: Optional[str] = None,
                          averaged_buffers(engine.module, head.process_group).items()}
     # Never a checkpoint of inf/nan weights: decided on every rank before anything is written.
     bad = [n for n, v in bstate["params"].items() if not bool(torch.isfinite(v).all())]
-    if not bool(torch.isfinite(head.weight.detach()).all()):
+    if not all(bool(torch.isfinite(t.detach()).all()) for t in _center_parts(head).values()):
         bad.append(f"head centers of rank {head.rank}")
     from ..collectives import all_ranks_true
     if not all_ranks_true(not bad):

@@ -93,8 +93,10 @@ class HeadConfig:
     seed: int = 0
     """Seed of the class-center init, the negative sampler and the stochastic rounding."""
     weight_dtype: str = "float32"
-    """Storage of the class centers: float32 (exact) or bfloat16 (2 bytes per element, no fp32
-    master copy, stochastic rounding by the head optimizer; needs a sparse_* head optimizer)."""
+    """Storage of the class centers: float32 (exact), bfloat16 (2 bytes per element, no fp32
+    master copy) or int8 (1 byte per element + one fp32 scale per center; needs
+    head.sparse_grad=true); below fp32 the head optimizer (sparse_*) writes updates back with
+    stochastic rounding."""
     backend: str = "auto"
     """Head kernels: auto (torch for now; the fused Triton kernels on CUDA once they have
     passed the GPU suite), torch, or triton (never falls back: raises where the kernels
@@ -135,11 +137,13 @@ class HeadOptimConfig:
     max_grad_norm: float = 5.0
     """Clip the head gradient to this global L2 norm across all ranks' shards; 0 disables."""
     state_dtype: str = "float32"
-    """sparse_* optimizers: storage of momentum / Adam moments: float32, bfloat16, float16 or
-    int8 (one fp32 scale per class center; 1 byte per element)."""
+    """sparse_* optimizers: storage of momentum / Adam moments: float32, bfloat16, float16, int8
+    (one fp32 scale per class center; 1 byte per element) or int4 (momentum / first moment in
+    4-bit codes, 0.5 byte per element + the scale; AdamW's second moment stays int8)."""
     rounding: str = "stochastic"
-    """sparse_* optimizers with head.weight_dtype=bfloat16: how updated centers are written back:
-    stochastic (unbiased: small updates survive on average) or nearest (the ablation)."""
+    """sparse_* optimizers with head.weight_dtype bfloat16 or int8: how updated centers are
+    written back: stochastic (unbiased: small updates survive on average) or nearest (the
+    ablation). int4 state is always rounded stochastically."""
 
     def __post_init__(self):
         _require_finite(self, "head_optim")
@@ -316,9 +320,12 @@ class ExperimentConfig:
                  self.head.sparse_grad)
         sparse_opt = self.head_optim.name.startswith("sparse_")
         _require(self.head.weight_dtype == "float32" or sparse_opt, "head.weight_dtype",
-                 "bfloat16 centers need head_optim.name sparse_sgd or sparse_adamw (they write "
-                 "back with stochastic rounding; torch's optimizers would round every update to "
-                 "nearest)", self.head.weight_dtype)
+                 f"{self.head.weight_dtype} centers need head_optim.name sparse_sgd or "
+                 "sparse_adamw (they write back with stochastic rounding; torch's optimizers "
+                 "would round every update to nearest)", self.head.weight_dtype)
+        _require(self.head.weight_dtype != "int8" or self.head.sparse_grad, "head.weight_dtype",
+                 "int8 centers need head.sparse_grad=true (a dense gradient would be twice the "
+                 "size of the centers)", self.head.weight_dtype)
         _require(self.head_optim.state_dtype == "float32" or sparse_opt, "head_optim.state_dtype",
                  "is an option of sparse_sgd / sparse_adamw only", self.head_optim.state_dtype)
 

@@ -1,8 +1,8 @@
 """HybridEngine: a PartialFC head beside a DeepSpeed engine that trains the backbone.
 
 The backbone is data-parallel under DeepSpeed (ZeRO 0-3, fp32/bf16/fp16); the head is
-model-parallel and stays *outside* the engine with its own weights (fp32 or bf16) and optimizer,
-so ZeRO never all-reduces or partitions class centers. One micro-step:
+model-parallel and stays *outside* the engine with its own weights (fp32, bf16 or int8) and
+optimizer, so ZeRO never all-reduces or partitions class centers. One micro-step:
 
     feats = engine(images)                                  # (b, D) in the engine's dtype
     x = feats.detach().requires_grad_()                     # cut the graph at the embeddings
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..collectives import sync_buffers
+from ..head.optim import SparseAdamW, SparseSGD
 
 __all__ = ["HybridEngine", "WarmupDecay"]
 
@@ -123,6 +124,12 @@ class HybridEngine:
         if head_params & backbone_params:
             raise ValueError("the head's parameters are inside the DeepSpeed engine; keep the "
                              "head outside (ZeRO would average or partition its shards)")
+        if not head.weight.dtype.is_floating_point and not isinstance(
+                head_optimizer, (SparseSGD, SparseAdamW)):
+            raise ValueError(f"{head.weight.dtype} class centers are updated only by "
+                             "hybrid_fc.head.optim's SparseSGD / SparseAdamW "
+                             "(head_optim.name=sparse_sgd or sparse_adamw), not by "
+                             f"{type(head_optimizer).__name__}")
         dp_size = engine.dp_world_size if hasattr(engine, "dp_world_size") else 1
         if head.world_size != dp_size:
             raise ValueError(f"head is split over {head.world_size} ranks but the engine's "

@@ -5,14 +5,17 @@ laptop for a 300M-class job and in the trainer before anything large is built. R
 planned: it owns the most classes (ceil(C / W)). Every line mirrors what the code allocates:
 
 head, held all run long
-  centers                 L x D x weight bytes (fp32 4, bf16 2)
+  centers                 L x D x weight bytes (fp32 4, bf16 2, int8 1 + one fp32 scale per row)
   optimizer state         SGD momentum: L x D x state bytes; AdamW: two moments + an int64 step
-                          per row; int8 state adds one fp32 scale per row per moment
+                          per row; int8 state adds one fp32 scale per row per moment; int4 is
+                          0.5 byte + a scale per row for momentum / Adam's first moment, and
+                          Adam's second moment stays int8 (hybrid_fc.head.precision.state_code)
 head, one step (peak of forward + backward, or of the optimizer step, whichever is larger)
   gathered embeddings     N x D in the compute dtype, its fp32 gradient, labels
-  sampled rows' gradient  S x D x weight bytes (dense gradient: L x D x weight bytes)
-  kept for backward       chunk_size None: the (N, S) exponentials (fp32 4 bytes, bf16 storage
-                          2 bytes) and, for fp32 storage, the gathered (S, D) fp32 rows;
+  sampled rows' gradient  S x D x gradient bytes (fp32 storage 4, bf16 and int8 storage 2;
+                          dense gradient: L x D)
+  kept for backward       chunk_size None: the (N, S) exponentials (fp32 4 bytes, bf16 / int8
+                          storage 2 bytes) and, for fp32 storage, the gathered (S, D) fp32 rows;
                           chunk_size set: nothing (logits recomputed block by block)
   logits per block        one block's (N, c) fp32 logits and (c, D) rows in flight
   sampler                 L fp32 keys + L flags + top-k of S (before the blocks, not with them)
@@ -37,7 +40,8 @@ from ..common import format_bytes, parse_count, parse_size
 from ..head.optim import HEAD_OPTIMIZERS, ROW_BLOCK_ELEMS
 from ..head.partial_fc import auto_block_elems
 from ..head.partition import ClassRange
-from ..head.precision import STATE_DTYPES, WEIGHT_DTYPES, dtype_bytes, dtype_names
+from ..head.precision import (STATE_DTYPES, WEIGHT_DTYPES, dtype_bytes, dtype_name, dtype_names,
+                              state_code, weight_code)
 from ..head.sampler import num_sample_for
 
 __all__ = ["PlanInput", "Plan", "plan", "plan_experiment", "parse_count", "parse_bytes",
@@ -111,6 +115,10 @@ class PlanInput:
                                  f"got {getattr(self, name)!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
+        if self.weight_dtype == "int8" and not (self.sparse_grad
+                                                and self.head_optimizer.startswith("sparse_")):
+            raise ValueError("weight_dtype int8 needs sparse_grad=True and a sparse_* head "
+                             "optimizer (head.sparse_grad=true, head_optim.name=sparse_sgd)")
 
 
 @dataclass
@@ -164,48 +172,67 @@ def _local(inp: PlanInput) -> int:
     return ClassRange(inp.classes, inp.gpus, 0).num_local  # rank 0 owns the most classes
 
 
+def _scaled(code) -> bool:
+    """The storage keeps one fp32 scale per row (hybrid_fc.head.precision's "_scale" part)."""
+    return "_scale" in code.parts
+
+
+def _state(inp: PlanInput, L: int, D: int):
+    """(bytes, note) of the head optimizer's state: each moment in its code
+    (hybrid_fc.head.precision.state_code: int4 keeps Adam's second moment in int8), row scales
+    of scaled codes, AdamW's int64 step per row. torch's optimizers keep fp32."""
+    adam = inp.head_optimizer.endswith("adamw")
+    signed = [True, False] if adam else ([True] if inp.momentum else [])
+    name = inp.state_dtype if inp.head_optimizer.startswith("sparse_") else "float32"
+    codes = [state_code(getattr(torch, name), sign, D) for sign in signed]
+    total = sum(L * D * dtype_bytes(dtype_name(c.dtype)) + L * 4 * _scaled(c) for c in codes)
+    note = ", ".join(dtype_name(c.dtype) for c in codes) or "none"
+    note += (" + row scales" if any(_scaled(c) for c in codes) else "") + (
+        " + row steps" if adam else "")
+    return total + (L * 8 if adam else 0), note
+
+
 def _head(inp: PlanInput):
     """(held rows, step rows, optimizer-step rows), each [(name, bytes, note)]."""
     L, D, W = _local(inp), inp.dim, inp.gpus
     N = inp.micro_batch * W
     wb = dtype_bytes(inp.weight_dtype)
+    scaled = _scaled(weight_code(getattr(torch, inp.weight_dtype)))
+    gb = 4 if inp.weight_dtype == "float32" else 2   # the rows' gradient, kept exponentials
     cb = 4 if inp.precision == "fp32" else 2
-    sparse_opt = inp.head_optimizer.startswith("sparse_")
-    sb = dtype_bytes(inp.state_dtype) if sparse_opt else 4
     S = min(L, max(num_sample_for(inp.sample_rate, L), min(N, L)))
-    adam = inp.head_optimizer.endswith("adamw")
-    moments = 2 if adam else (1 if inp.momentum else 0)
-    scale = L * 4 * moments if sb == 1 else 0
-    held = [("centers", L * D * wb, f"{L:,} x {D} {inp.weight_dtype}"),
-            ("optimizer state", L * D * sb * moments + scale + (L * 8 if adam else 0),
-             f"{moments} x {inp.state_dtype if sparse_opt else 'float32'}"
-             + (" + row scales" if scale else "") + (" + row steps" if adam else ""))]
-    grad = S * D * wb if inp.sparse_grad else L * D * wb
+    held = [("centers", L * D * wb + (L * 4 if scaled else 0),
+             f"{L:,} x {D} {inp.weight_dtype}" + (" + row scales" if scaled else "")),
+            ("optimizer state", *_state(inp, L, D))]
+    grad = S * D * gb if inp.sparse_grad else L * D * gb
     block = inp.chunk_size or max(1, auto_block_elems(getattr(torch, inp.weight_dtype),
                                                       inp.device) // N)
     block = min(block, S)
     if inp.chunk_size is None:
-        kept = S * N * (4 if wb == 4 else 2) + (S * D * 4 if wb == 4 else 0)
+        kept = S * N * gb + (S * D * 4 if gb == 4 else 0)
         kept_note = (f"(N={N}, S={S:,}) exponentials"
-                     + (" + (S, D) rows, fp32" if wb == 4 else ", bf16"))
+                     + (" + (S, D) rows, fp32" if gb == 4 else ", bf16"))
     else:
         kept, kept_note = 0, "none: chunk_size recomputes"
-    # One block in flight: its fp32 logits / exponentials and its rows as fp32 (bf16 storage
-    # adds the bf16 gather and an fp32 gradient block; fp32 keep-probs reuses what is kept).
-    if wb == 4 and inp.chunk_size is None:
+    # One block in flight: its fp32 logits / exponentials and its rows as fp32 (bf16 / int8
+    # storage adds the stored gather and an fp32 gradient block; fp32 keep-probs reuses what
+    # is kept).
+    if gb == 4 and inp.chunk_size is None:
         per_block = N * D * 4
     else:
-        per_block = N * block * 4 + block * D * (4 if wb == 4 else 10)
+        per_block = N * block * 4 + block * D * (4 if gb == 4 else wb + 8)
     sampler = (L * 5 + S * 28) if S < L else 0
     emb = N * D * (cb + 4) + N * 16 + S * 12
+    gname = "float32" if gb == 4 else "bfloat16"
     step = [("gathered embeddings", emb, f"({N}, {D}) + fp32 gradient, labels, indices"),
-            ("sampled rows' gradient", grad, (f"({S:,}, {D}) {inp.weight_dtype}" if inp.sparse_grad
+            ("sampled rows' gradient", grad, (f"({S:,}, {D}) {gname}" if inp.sparse_grad
                                               else f"dense ({L:,}, {D})")),
             ("kept for backward", kept, kept_note),
             ("logits per block", max(per_block, sampler),
              f"{block:,} classes a block" + (" (the sampler's keys, the larger)"
                                              if sampler > per_block else ""))]
-    opt_temp = min(ROW_BLOCK_ELEMS, S * D) * (24 if wb == 2 or sb == 1 else 12)
+    low = gb == 2 or inp.state_dtype in ("int8", "int4")
+    opt_temp = min(ROW_BLOCK_ELEMS, S * D) * (24 if low else 12)
     opt = [("optimizer step", grad + opt_temp, "gradient + one update block")]
     return held, step, opt
 
@@ -282,18 +309,18 @@ def _advice(inp: PlanInput, plan: Plan) -> str:
     tries = []
     if inp.chunk_size is None:
         tries.append(("head.chunk_size=65536", replace(inp, chunk_size=65536)))
-    if inp.weight_dtype == "float32" or inp.state_dtype != "int8":
-        tries.append(("head.weight_dtype=bfloat16 head_optim.state_dtype=int8 "
-                      "(head_optim.name=sparse_sgd)",
-                      replace(inp, weight_dtype="bfloat16", state_dtype="int8",
-                              head_optimizer=_sparse(inp),
-                              sparse_grad=True)))
+    # smaller storages, from the exact side down: bf16 + int8, then int8 + int4 (each also
+    # with chunk_size); only those smaller than what is planned now
+    for weight, state in (("bfloat16", "int8"), ("int8", "int4")):
+        if dtype_bytes(weight) > dtype_bytes(inp.weight_dtype) or (
+                weight == inp.weight_dtype and dtype_bytes(state) >= dtype_bytes(inp.state_dtype)):
+            continue
+        text = f"head.weight_dtype={weight} head_optim.state_dtype={state}"
+        alt = replace(inp, weight_dtype=weight, state_dtype=state, sparse_grad=True,
+                      head_optimizer=_sparse(inp))
+        tries.append((text + " (head_optim.name=sparse_sgd)", alt))
         if inp.chunk_size is None:
-            tries.append(("head.weight_dtype=bfloat16 head_optim.state_dtype=int8 "
-                          "head.chunk_size=65536",
-                          replace(inp, weight_dtype="bfloat16", state_dtype="int8",
-                                  chunk_size=65536, sparse_grad=True,
-                                  head_optimizer=_sparse(inp))))
+            tries.append((text + " head.chunk_size=65536", replace(alt, chunk_size=65536)))
     if not inp.sparse_grad:
         tries.insert(0, ("head.sparse_grad=true (head_optim.name=sparse_sgd)",
                          replace(inp, sparse_grad=True,

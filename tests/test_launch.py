@@ -50,6 +50,10 @@ def _train_args(tmp_path, dataset, steps):
 LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
+# slow (~55 s): the two-node --no_ssh form also runs in the default run (the README's two-node
+# and SLURM blocks, the SIGTERM test); the train.steps refusal in test_resume.py; resharding in
+# test_checkpoint.py
+@pytest.mark.slow
 def test_two_node_no_ssh_launch_trains_checkpoints_and_resumes_at_one_rank(tmp_path, dataset):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")

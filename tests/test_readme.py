@@ -80,7 +80,11 @@ def _workdir(path):
 
 
 def _run(cmd, cwd, timeout, env=None):
-    out = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", cmd], cwd=cwd,
+    # Command lines stop at the first failing command (bash -e -o pipefail); a block that is a
+    # script (`#!/bin/bash`, the SLURM job) runs as its scheduler runs it: plain bash, where
+    # `scontrol ... | head -1` may end its writer with SIGPIPE (rc 141 under pipefail: flaky).
+    opts = [] if cmd.startswith("#!") else ["-e", "-o", "pipefail"]
+    out = subprocess.run(["bash", *opts, "-c", cmd], cwd=cwd,
                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
     return out.returncode, out.stdout + out.stderr
 

@@ -51,6 +51,9 @@ def _policy_worker(rank, world_size, out):
         ("schedule.warmup_steps=3",),                        # the LR would jump
         ("head_optim.lr=0.05",),                             # the LR would jump
     )}
+    # a longer run: refused, naming the LR the run logged at its last step (was "0 -> 2.551e-06")
+    errors["train.steps=6"] = _error(_main, out, steps=6)
+    lr4 = [r["lr"] for r in read_metrics(out, "train") if r["step"] == 4]
     # applied: the config wins over what the checkpoint's optimizer held (momentum 0.9)
     hybrid = _main(out, "head_optim.momentum=0.0", "head.margin=cosface", "head.m=0.35",
                    "head.sample_rate=0.5", "data.synthetic_noise=0.7")
@@ -59,7 +62,7 @@ def _policy_worker(rank, world_size, out):
     after = sorted(os.listdir(os.path.join(out, "global_step4", "hybrid")))
     # allowed schedule change: applied, with the LRs before and after
     hybrid = _main(out, "schedule.warmup_steps=3", "schedule.allow_change=true", steps=5)
-    return dict(errors=errors, files=(files, after), momentum=momentum, margin=margin,
+    return dict(errors=errors, files=(files, after), lr4=lr4, momentum=momentum, margin=margin,
                 records=read_metrics(out, "resume", last=False),
                 lr5=[r["lr"] for r in read_metrics(out, "train") if r["step"] == 5],
                 log=open(os.path.join(out, "training.log")).read() if rank == 0 else "")
@@ -68,7 +71,8 @@ def _policy_worker(rank, world_size, out):
 def test_every_resume_change_is_applied_and_recorded_or_refused(tmp_path):
     """Bugs caught: a changed head_optim.state_dtype accepted (the momentum stayed fp32), the
     checkpoint's momentum 0.9 silently overriding a new 0.0 while the saved config said 0.0,
-    margin / sample-rate / schedule changes accepted with no log line and no resume record."""
+    margin / sample-rate / schedule changes accepted with no log line and no resume record, a
+    longer train.steps refused naming LR values the run never had."""
     r = run_deepspeed_ranks(1, _policy_worker, str(tmp_path / "run"))[0]
     e = r["errors"]
     state = e[("head_optim.state_dtype=int8",)]
@@ -77,6 +81,10 @@ def test_every_resume_change_is_applied_and_recorded_or_refused(tmp_path):
     assert "head.weight_dtype" in e[("head.weight_dtype=bfloat16",)]
     for case in (("schedule.warmup_steps=3",), ("head_optim.lr=0.05",)):
         assert "learning rate would jump" in e[case] and "schedule.allow_change=true" in e[case]
+    steps = e["train.steps=6"]
+    assert "trained with train.steps=4, this run says 6" in steps, steps
+    assert f"would jump from {r['lr4'][0]:.6g} (step 4, as logged)" in steps, steps
+    assert "schedule.allow_change=true" in steps
     assert r["files"][0] == r["files"][1]   # a refused resume wrote nothing
     assert r["momentum"] == 0.0 and r["margin"] == "CosFace"
     applied, scheduled = r["records"]

@@ -2,9 +2,9 @@
 them (fresh processes, the real launchers), so that none of them can rot unnoticed:
 
 * on the README's quickstart run (tests/test_readme.py runs the README's blocks themselves):
-  launch/export.py (plain python) on its checkpoint, launch/extract.py under
-  `torchrun --nproc_per_node 2` on the exported backbone, launch/eval.py (plain python; under
-  the deepspeed launcher in tests/test_export.py),
+  launch/export.py under the deepspeed launcher on its checkpoint, launch/extract.py under
+  `torchrun --nproc_per_node 2` and as plain python on the exported backbone, launch/eval.py
+  (plain python; under the deepspeed launcher in tests/test_export.py),
 * benchmarks/data_bench.py (local disk and a local S3 server), benchmarks/center_codes.py and
   benchmarks/learning_check.py with flags for a tiny shape (head_bench.py: a README block).
 
@@ -51,30 +51,38 @@ def quickstart(quickstart_run):
 
 
 def test_export_extract_eval_command_lines(quickstart, tmp_path):
-    """export.py (plain python) -> extract.py under torchrun on 2 ranks -> eval.py (plain
-    python), on the quickstart's checkpoint; eval's accuracy is the training run's own final
-    verification (the same model and pairs)."""
+    """export.py under the deepspeed launcher (2 ranks: rank 0 writes, the other exits) ->
+    extract.py under `torchrun --nproc_per_node 2` (each rank embeds a slice) and as plain
+    python (the same rows) -> eval.py (plain python), on the quickstart's checkpoint; eval's
+    accuracy is the training run's own final verification (the same model and pairs). The
+    README's block runs the plain-python forms."""
     run, _ = quickstart
     exp = tmp_path / "exported"
-    stdout, _ = _run([sys.executable, os.path.join(ROOT, "launch", "export.py"),
+    stdout, _ = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                      "--master_port", str(free_port()), os.path.join(ROOT, "launch", "export.py"),
                       "--checkpoint", str(run), "--out", str(exp), "--onnx", "--centers",
                       "--json", str(tmp_path / "written.json")], cwd=tmp_path)
     written = json.loads((tmp_path / "written.json").read_text())
-    assert set(written) == {"state_dict", "onnx", "centers"}
+    assert written == {"state_dict": str(exp / "backbone.pt"), "onnx": str(exp / "backbone.onnx"),
+                       "centers": str(exp / "centers.npy")}
     assert "onnx: max |onnxruntime - torch|" in stdout
     centers = np.load(exp / "centers.npy")
     assert centers.shape == (32, 64) and np.isfinite(centers).all()
 
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-          "--master_port", str(free_port()), os.path.join(ROOT, "launch", "extract.py"),
-          "--checkpoint", str(exp / "backbone.pt"), "--images", str(run / "data"),
-          "--out", str(tmp_path / "gallery.npy")], cwd=tmp_path)
-    emb = np.load(tmp_path / "gallery.npy")
-    keys = (tmp_path / "gallery.keys.txt").read_text().split()
-    labels = np.load(tmp_path / "gallery.labels.npy")
+    for how, prefix in (("torchrun", [sys.executable, "-m", "torch.distributed.run",
+                                      "--nproc_per_node", "2", "--master_port", str(free_port())]),
+                        ("python", [sys.executable])):
+        _run(prefix + [os.path.join(ROOT, "launch", "extract.py"), "--checkpoint",
+                       str(exp / "backbone.pt"), "--images", str(run / "data"), "--out",
+                       str(tmp_path / f"{how}.npy")], cwd=tmp_path)
+    emb, one = np.load(tmp_path / "torchrun.npy"), np.load(tmp_path / "python.npy")
+    keys = (tmp_path / "torchrun.keys.txt").read_text().split()
+    labels = np.load(tmp_path / "torchrun.labels.npy")
     assert emb.shape == (256, 64) and len(set(keys)) == len(keys) == 256
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert sorted(np.bincount(labels, minlength=32)) == [8] * 32
+    assert np.allclose(emb, one, atol=1e-5)
+    assert (tmp_path / "python.keys.txt").read_text().split() == keys
 
     stdout, _ = _run([sys.executable, os.path.join(ROOT, "launch", "eval.py"),
                       "--checkpoint", str(run), "--pairs", str(run / "heldout_pairs.bin"),
@@ -149,23 +157,3 @@ def test_quickstart_heldout_pairs_are_not_saturated():
                                          distinct=qs.DISTINCT))
         result = evaluate(model, load_pair_set(path), cfg.model.input_size, batch_size=200)
     assert 0.4 <= result.accuracy <= 0.65, result.accuracy
-
-
-def test_export_and_extract_under_the_deepspeed_launcher(quickstart, tmp_path):
-    """The deepspeed launcher forms of extract.py (2 ranks, each embeds a slice; the result
-    equals one process's) and export.py (rank 0 writes, the other rank exits)."""
-    run, _ = quickstart
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-    exp = tmp_path / "exported"
-    _run(launcher + ["--master_port", str(free_port()), os.path.join(ROOT, "launch", "export.py"),
-                     "--checkpoint", str(run), "--out", str(exp), "--json",
-                     str(tmp_path / "w.json")], cwd=tmp_path)
-    assert json.loads((tmp_path / "w.json").read_text()) == {"state_dict": str(exp / "backbone.pt")}
-    for how, prefix in (("deepspeed", launcher + ["--master_port", str(free_port())]),
-                        ("python", [sys.executable])):
-        _run(prefix + [os.path.join(ROOT, "launch", "extract.py"), "--checkpoint",
-                       str(exp / "backbone.pt"), "--images", str(run / "data"), "--out",
-                       str(tmp_path / f"{how}.npy")], cwd=tmp_path)
-    a, b = np.load(tmp_path / "deepspeed.npy"), np.load(tmp_path / "python.npy")
-    assert a.shape == (256, 64) and np.allclose(a, b, atol=1e-5)
-    assert (tmp_path / "deepspeed.keys.txt").read_text() == (tmp_path / "python.keys.txt").read_text()

@@ -112,9 +112,20 @@ def test_max_classes_is_the_edge_and_advice_fits():
 
 
 def _plan_cli(*args):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *args],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    return out.returncode, json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+    """launch/plan.py's main in this process (its command line runs as written in the README's
+    plan blocks, tests/test_readme.py): (exit status, the last line's JSON, what it printed)."""
+    import contextlib
+    import importlib.util
+    import io
+    spec = importlib.util.spec_from_file_location("launch_plan",
+                                                  os.path.join(ROOT, "launch", "plan.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out):
+        rc = cli.main(list(args))
+    text = out.getvalue()
+    return rc, json.loads(text.strip().splitlines()[-1]), text
 
 
 def test_plan_cli_300m_classes_on_one_node():

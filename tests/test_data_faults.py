@@ -507,6 +507,38 @@ def test_a_worker_killed_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     assert max(r0[2], r1[2]) < 30
 
 
+def test_a_broken_worker_pipe_is_named_as_a_dead_worker():
+    """Bug caught (the test above failed once in five full-suite runs): when the killed worker's
+    result pipe broke before torch saw the process gone, torch's ConnectionResetError came
+    through as it is (a bare "[Errno 104] Connection reset by peer"), not as the loader's
+    LoaderError. The iterator here raises what torch's did; its worker is a real process that
+    has exited. With every worker alive the error is not the loader's to rename."""
+    import multiprocessing
+    from hybrid_fc.data.loader import LoaderError, _worker_deaths_named
+    worker = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    worker.start()
+    worker.join()
+
+    class BrokenPipe:  # torch's multi-worker iterator at the moment the pipe broke
+        def __init__(self, workers):
+            self._workers = workers
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    with pytest.raises(LoaderError, match=rf"a data loader worker process died \(pid\(s\) "
+                                          rf"{worker.pid}: ConnectionResetError on its result"):
+        list(_worker_deaths_named(BrokenPipe([worker])))
+    t = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        list(_worker_deaths_named(BrokenPipe([])))
+    assert time.monotonic() - t < 5
+
+
+
 # -- images: 16-bit PNGs, images of another size ------------------------------------------------
 def test_16_bit_png_decodes_and_resized_images_are_counted(tmp_path, caplog):
     """One shard: four 16x16 JPEGs, a 16-bit grayscale PNG (a gradient over 0..65535) and a

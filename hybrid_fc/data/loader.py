@@ -827,18 +827,39 @@ class ShardLoader:
         self._raw = [0] * self.cfg["num_workers_logical"]
 
 
+def _dead_worker_pids(batches, wait_s: float = 2.0) -> List[int]:
+    """pids of the iterator's worker processes that have exited, waiting up to `wait_s` for a
+    killed one to be reaped (right after a SIGKILL it can still look alive)."""
+    workers = getattr(batches, "_workers", None) or []
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [w.pid for w in workers if not w.is_alive()]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
 def _worker_deaths_named(batches) -> Iterator:
-    """The DataLoader's items; a worker that died (torch: "DataLoader worker (pid(s) N) exited
-    unexpectedly") is a LoaderError that says what usually kills one and what to do."""
+    """The DataLoader's items; a worker that died is a LoaderError that says what usually kills
+    one and what to do. torch says "DataLoader worker (pid(s) N) exited unexpectedly" when it
+    sees the dead process; when the result pipe breaks first (the worker was killed mid-send)
+    its ConnectionResetError / EOFError comes through as it is, and is named the same way."""
     try:
         yield from batches
+        return
     except RuntimeError as e:
         if not str(e).startswith("DataLoader worker"):
             raise
-        raise LoaderError(f"a data loader worker process died ({e}): killed from outside, most "
-                          "often by the out-of-memory killer (see dmesg and the job's memory "
-                          "limit; fewer data.num_workers or a smaller data.shuffle_buffer use "
-                          "less), or crashed; resume from the last checkpoint") from None
+        what = str(e)
+    except (ConnectionError, EOFError) as e:
+        dead = _dead_worker_pids(batches)
+        if not dead:
+            raise
+        what = f"pid(s) {', '.join(map(str, dead))}: {type(e).__name__} on its result pipe"
+    raise LoaderError(f"a data loader worker process died ({what}): killed from outside, most "
+                      "often by the out-of-memory killer (see dmesg and the job's memory "
+                      "limit; fewer data.num_workers or a smaller data.shuffle_buffer use "
+                      "less), or crashed; resume from the last checkpoint") from None
 
 
 def _batches_in(layout: dict, num_samples: int) -> int:

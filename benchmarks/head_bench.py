@@ -205,7 +205,7 @@ def _run_phase(rank, world, port, phase, args, queue):
         head = PartialFC(ArcFace(64.0, 0.5), args.dim, args.classes, args.sample_rate,
                          sparse_grad=True, chunk_size=args.chunk_size, device=device,
                          weight_dtype=getattr(torch, args.weight_dtype), backend=args.backend)
-        opt = SparseSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+        opt = SparseSGD(head.parameters(), lr=0.1, momentum=args.momentum, weight_decay=5e-4,
                         state_dtype=getattr(torch, args.state_dtype), rounding=args.rounding)
 
         def step(i):
@@ -269,7 +269,10 @@ def main(argv=None):
                     choices=dtype_names(STATE_DTYPES),
                     help="SparseSGD momentum storage (--momentum-dtype: the old name)")
     ap.add_argument("--rounding", default="stochastic", choices=ROUNDINGS,
-                    help="write-back of bf16 / int8 centers")
+                    help="write-back of bf16 / int8 centers (feedback: to nearest, the "
+                         "residual kept as one more state in --state-dtype)")
+    ap.add_argument("--momentum", type=float, default=0.9,
+                    help="SparseSGD momentum (0: no momentum state)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                     help="PartialFC backend (auto: torch until the kernels pass on a GPU)")
     ap.add_argument("--input-dtype", default="float32",
@@ -294,7 +297,7 @@ def main(argv=None):
         "sample_rate": args.sample_rate, "world_size": args.world_size,
         "chunk_size": args.chunk_size, "weight_dtype": args.weight_dtype,
         "state_dtype": args.state_dtype, "rounding": args.rounding,
-        "backend": args.backend, "input_dtype": args.input_dtype,
+        "momentum": args.momentum, "backend": args.backend, "input_dtype": args.input_dtype,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu
         else f"cpu x{os.cpu_count()}",
         "head_ms": round(max(o["ms"] for o in head), 2),
@@ -312,7 +315,8 @@ def main(argv=None):
             classes=args.classes, dim=args.dim, gpus=args.world_size, gpu_memory=1 << 50,
             sample_rate=args.sample_rate, micro_batch=args.batch, precision="fp32",
             weight_dtype=args.weight_dtype, state_dtype=args.state_dtype,
-            head_optimizer="sparse_sgd", sparse_grad=True, chunk_size=args.chunk_size,
+            head_optimizer="sparse_sgd", momentum=args.momentum > 0, rounding=args.rounding,
+            sparse_grad=True, chunk_size=args.chunk_size,
             reserve=0, device="cuda" if torch.cuda.is_available() and not args.cpu else "cpu"))
             .head_bytes),
     }

@@ -69,6 +69,11 @@ def parse_args(argv=None):
                    help="no training: read several OUT/learning_check.json files, group runs "
                         "named NAME and NAME-headseedK as seeds of one setting, print per-seed "
                         "and mean results and plot the mean accuracy curves to --png")
+    p.add_argument("--json", default=None,
+                   help="where the results go (default OUT/learning_check.json)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="no training: evaluate the runs' existing final checkpoints under --out "
+                        "and read their curves from their metrics.jsonl")
     p.add_argument("overrides", nargs="*", help="extra section.key=value for launch/train.py")
     return p.parse_args(argv)
 
@@ -100,7 +105,7 @@ def run_specs(args):
 
 
 def train(args, index, name, run_overrides, data, run_dir, pairs):
-    from hybrid_fc.training.metrics import LOG_FILE, METRICS_FILE, read_metrics
+    from hybrid_fc.training.metrics import LOG_FILE, METRICS_FILE
     for old in (METRICS_FILE, LOG_FILE):  # a fresh run (train.resume=false): fresh metrics
         if os.path.exists(os.path.join(run_dir, old)):
             os.remove(os.path.join(run_dir, old))
@@ -127,9 +132,15 @@ def train(args, index, name, run_overrides, data, run_dir, pairs):
             print(f"  {name}: {line.strip()}", flush=True)
     if proc.wait() != 0:
         sys.exit(f"training run {name} failed:\n{''.join(tail)}")
+    return curves_of(run_dir) + (time.time() - t0,)
+
+
+def curves_of(run_dir):
+    """(loss curve, verification accuracy curve) of a run, from its metrics.jsonl."""
+    from hybrid_fc.training.metrics import read_metrics
     losses = [(r["step"], r["loss"]) for r in read_metrics(run_dir, "train")]
     accs = [(r["step"], 100 * r["accuracy"]) for r in read_metrics(run_dir, "verify")]
-    return losses, accs, time.time() - t0
+    return losses, accs
 
 
 def evaluate_run(run_dir, pairs_path, size):
@@ -245,7 +256,10 @@ def main(argv=None):
     specs = run_specs(args)
     for index, (name, run_overrides) in enumerate(specs.items()):
         run_dir = os.path.join(args.out, name)
-        losses, accs, seconds = train(args, index, name, run_overrides, data, run_dir, pairs)
+        if args.evaluate_only:
+            losses, accs, seconds = curves_of(run_dir) + (float("nan"),)
+        else:
+            losses, accs, seconds = train(args, index, name, run_overrides, data, run_dir, pairs)
         curves[name], acc_curves[name] = losses, accs
         r = evaluate_run(run_dir, pairs, args.size)
         results[name] = dict(r.as_dict(), train_seconds=seconds, final_loss=losses[-1][1],
@@ -256,7 +270,7 @@ def main(argv=None):
     png = args.png
     plot(curves, acc_curves, png, " vs ".join(specs) + f" (synthetic identities, "
          f"{args.ranks} ranks)")
-    with open(os.path.join(args.out, "learning_check.json"), "w") as f:
+    with open(args.json or os.path.join(args.out, "learning_check.json"), "w") as f:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                 capture_output=True).stdout.strip()
         json.dump({"args": vars(args), "commit": commit, "untrained": base.as_dict(),

@@ -216,13 +216,14 @@ def test_kill_9_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
 
 
 # -- bf16 centers + int8 head-optimizer state ----------------------------------------------------
-BF16_INT8, INT8_INT4 = (torch.bfloat16, torch.int8), (torch.int8, torch.int4)
+BF16_INT8 = (torch.bfloat16, torch.int8, "stochastic")
+INT8_INT4_FEEDBACK = (torch.int8, torch.int4, "feedback")
 
 
 def _build_low(world_size, storage, stage=2, num_classes=C):
     """A HybridEngine whose head stores low-precision centers and SparseSGD keeps low-precision
-    momentum (storage: (weight_dtype, state_dtype)); half the classes sampled per step, so the
-    sampler stream and the lazy rows matter on resume."""
+    momentum (storage: (weight_dtype, state_dtype, rounding)); half the classes sampled per
+    step, so the sampler stream and the lazy rows matter on resume."""
     import deepspeed
     from hybrid_fc import ArcFace, PartialFC
     from hybrid_fc.training.engine import HybridEngine
@@ -233,7 +234,7 @@ def _build_low(world_size, storage, stage=2, num_classes=C):
     head = PartialFC(ArcFace(S, M), EMB, num_classes, sample_rate=0.5, sparse_grad=True,
                      weight_dtype=storage[0])
     opt = SparseSGD(head.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4,
-                    state_dtype=storage[1], seed=5)
+                    state_dtype=storage[1], rounding=storage[2], seed=5)
     return HybridEngine(engine, head, opt)
 
 
@@ -301,21 +302,24 @@ def test_bf16_int8_head_resumes_bit_exact_and_reshards(tmp_path):
 
 
 def test_int8_int4_head_reshards_4_3_2_and_resumes_bit_exact(tmp_path):
-    """int8 centers (codes + one scale per row) and int4 momentum (packed codes + scales):
+    """int8 centers (codes + one scale per row), int4 momentum and the int4 residual of error
+    feedback (packed codes + scales, the residual's bits from the stream after the momentum's):
     saved at 4 ranks, loaded at 3 and then at 2 with every class's codes, scales and state
     exactly as saved; at 2 ranks a save, a load in fresh processes and 1 step equal the step
     the saving run took on without stopping, bit for bit (the rounding streams, the sampler
     and the lazy rows come back). Planted bugs caught: shards saved without weight_scale
     (refused on load), scales not resharded (cut from the wrong rows)."""
     ck = str(tmp_path / "ck")
-    four = run_deepspeed_ranks(4, _low_phase, ck, 2, True, INT8_INT4)        # -> global_step2
-    three = run_deepspeed_ranks(3, _low_phase, ck, 1, True, INT8_INT4)       # -> global_step3
+    low = INT8_INT4_FEEDBACK
+    four = run_deepspeed_ranks(4, _low_phase, ck, 2, True, low)        # -> global_step2
+    three = run_deepspeed_ranks(3, _low_phase, ck, 1, True, low)       # -> global_step3
     _assert_same_head(four, three)
-    straight = run_deepspeed_ranks(2, _low_phase, ck, 1, True, INT8_INT4, 1)  # -> step4, + 1
+    straight = run_deepspeed_ranks(2, _low_phase, ck, 1, True, low, 1)  # -> step4, + 1
     _assert_same_head(three, straight)
     assert set(_gather_head(straight, "loaded")[1]) == {
-        "momentum_buffer", "momentum_buffer_scale", "weight_scale"}
-    resumed = run_deepspeed_ranks(2, _low_phase, ck, 1, False, INT8_INT4)
+        "momentum_buffer", "momentum_buffer_scale", "rounding_residual",
+        "rounding_residual_scale", "weight_scale"}
+    resumed = run_deepspeed_ranks(2, _low_phase, ck, 1, False, low)
     _assert_same_run(straight, resumed, (torch.int8, torch.uint8), 5)
 
 

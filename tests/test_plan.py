@@ -85,6 +85,17 @@ def test_int8_int4_items_by_hand():
     assert state == (L * 16 + L * 4) + (L * 32 + L * 4) + L * 8
     with pytest.raises(ValueError, match="sparse_grad"):
         PlanInput(**{**inp.__dict__, "sparse_grad": False})
+    # error feedback: one more signed state (the residual) in the state dtype, with its scale;
+    # with momentum 0 it is the only state
+    fb = plan(PlanInput(**{**inp.__dict__, "rounding": "feedback"})).summary()["items"]
+    assert fb["head: optimizer state"] == 2 * (L * 16 + L * 4)
+    fb0 = plan(PlanInput(**{**inp.__dict__, "rounding": "feedback", "momentum": False}))
+    assert fb0.summary()["items"]["head: optimizer state"] == L * 16 + L * 4
+    assert "int4 rounding residual" in fb0.table()
+    fp32 = plan(PlanInput(**{**inp.__dict__, "rounding": "feedback", "weight_dtype": "float32"}))
+    assert fp32.summary()["items"]["head: optimizer state"] == L * 16 + L * 4   # exact: none
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        PlanInput(**{**inp.__dict__, "rounding": "up"})
 
 
 def test_backbone_zero_accounting():

@@ -21,6 +21,13 @@ Storage (hybrid_fc.head.precision), everything computed in fp32 in between:
     `state["rounding_step"]` (saved in `state_dict()` and in hybrid_fc checkpoints), keyed by
     *global* row id (`param.row_offset` + local row, set by PartialFC), so a resumed run rounds
     exactly as an uninterrupted one, at any number of ranks.
+  * error feedback (`rounding="feedback"`): the row is written to nearest and what that loses
+    (exact - stored) is kept as one more signed row state, `rounding_residual`, in
+    `state_dtype`; the next update of the row starts from stored + residual. The loss reads the
+    stored rows only; the optimizer sees the finer value. Stochastic rounding's error is a random
+    walk (its variance grows with every write, by ~ code step x update size, and anneals only
+    as sqrt(lr)); with feedback the stored row stays within about a code step of the exact one
+    (an int4 residual adds 4 bits below int8's: 12 in all for 0.5 byte more per element).
   * state (`state_dtype`): float32, bfloat16, float16, int8 with one fp32 scale per row
     (`<key>_scale`): momentum / first moment in a linear code, the second moment in a log code;
     or int4: momentum / first moment as 4-bit linear codes, two per byte, with one fp32 scale
@@ -43,6 +50,8 @@ __all__ = ["SparseSGD", "SparseAdamW", "HEAD_OPTIMIZERS", "make_head_optimizer"]
 # encode (measured on this project's 2-core VM: int8 centers + int4 momentum 12-18 ns per
 # element at 2^18, 19-30 at 2^22; bf16 + int8 7 vs 11; smaller blocks pay Python per block).
 ROW_BLOCK_ELEMS = 1 << 18
+RESIDUAL = "rounding_residual"
+"""State key of the error-feedback residual (rounding="feedback")."""
 HEAD_OPTIMIZERS = ("sgd", "adamw", "sparse_sgd", "sparse_adamw")
 """Head optimizer names (`make_head_optimizer`): torch's SGD / AdamW (dense gradients, fp32
 centers only) or this module's row-wise SparseSGD / SparseAdamW (any storage)."""
@@ -82,7 +91,7 @@ def _check_common(lr, weight_decay, state_dtype, rounding):
         raise ValueError(f"state_dtype must be one of "
                          f"{', '.join(dtype_name(d) for d in STATE_DTYPES)}, got {state_dtype}")
     if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be stochastic or nearest, got {rounding!r}")
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -138,6 +147,9 @@ class _ParamStep:
                              "param.row_scale (PartialFC(weight_dtype=torch.int8) sets them)")
         self.weight_parts = dict(zip(self.weight_code.parts, (self.w2, scale)))
         width = self.w2.shape[1]
+        self.feedback = not self.exact and group["rounding"] == "feedback"
+        if self.feedback:  # the rounding residual: one more signed row state
+            state_keys = dict(state_keys, **{RESIDUAL: True})
         self.codes = {key: state_code(group["state_dtype"], signed, width)
                       for key, signed in state_keys.items()}
         self.streams = {key: i + 1 for i, key in enumerate(state_keys)}
@@ -149,6 +161,9 @@ class _ParamStep:
         return not self.exact or any(c.stochastic_only for c in self.codes.values())
 
     def init_state(self) -> None:
+        if not self.feedback:  # left by a run with rounding="feedback": the stored rows are the
+            for key in [k for k in self.state if k.startswith(RESIDUAL)]:   # centers from now on
+                del self.state[key]
         for key, code in self.codes.items():
             if key not in self.state:
                 for suffix, t in code.empty(self.p.shape, self.p.device).items():
@@ -163,17 +178,24 @@ class _ParamStep:
                 for s in code.parts}
 
     def read_weight(self, sel) -> torch.Tensor:
-        """fp32 copy of the block's rows (decoded)."""
-        return self.weight_code.decode({s: sel.take(t) for s, t in self.weight_parts.items()})
+        """fp32 copy of the block's rows (decoded; with error feedback, plus the residual that
+        the stored rows miss: the rows the optimizer updates)."""
+        w = self.weight_code.decode({s: sel.take(t) for s, t in self.weight_parts.items()})
+        return w.add_(self.read(RESIDUAL, sel)) if self.feedback else w
 
     def write_weight(self, sel, w: torch.Tensor) -> None:
         """Store fp32 rows `w` (consumed): as they are (fp32), else rounded stochastically from
-        stream 0 or to nearest."""
+        stream 0, to nearest, or to nearest with the residual w - stored kept as state
+        (error feedback: it is added back at the row's next update)."""
         bits = None
         if not self.exact and self.group["rounding"] == "stochastic":
             bits = self._bits(sel, 0, w.shape[1])
-        for suffix, value in self.weight_code.encode(w, bits).items():
+        exact = w.clone() if self.feedback else None
+        parts = self.weight_code.encode(w, bits)
+        for suffix, value in parts.items():
             sel.put(self.weight_parts[suffix], value)
+        if self.feedback:
+            self.write(RESIDUAL, sel, exact.sub_(self.weight_code.decode(parts)))
 
     def read(self, key: str, sel, factor: float = 1.0) -> torch.Tensor:
         """fp32 copy of `factor` x state `key` on the block's rows (for scaled codes the factor

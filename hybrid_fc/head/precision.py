@@ -59,8 +59,10 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.
 """Storage of the row-wise optimizers' state (int8: one fp32 scale per row and moment; int4:
 momentum / Adam's first moment in 4-bit codes, two per byte, with one fp32 scale per row, Adam's
 second moment stays int8)."""
-ROUNDINGS = ("stochastic", "nearest")
-"""How the row-wise optimizers write fp32 updates back into low-precision centers."""
+ROUNDINGS = ("stochastic", "nearest", "feedback")
+"""How the row-wise optimizers write fp32 updates back into low-precision centers: stochastic
+rounding, round-to-nearest (the ablation), or error feedback (to nearest, the residual kept as
+one more row state in the optimizer's state_dtype and added back at the row's next update)."""
 
 _M32 = 0xFFFFFFFF
 _K = 0x45D9F3B          # odd multiplier < 2^31: int64 products of 32-bit values never overflow

@@ -142,8 +142,11 @@ class HeadOptimConfig:
     4-bit codes, 0.5 byte per element + the scale; AdamW's second moment stays int8)."""
     rounding: str = "stochastic"
     """sparse_* optimizers with head.weight_dtype bfloat16 or int8: how updated centers are
-    written back: stochastic (unbiased: small updates survive on average) or nearest (the
-    ablation). int4 state is always rounded stochastically."""
+    written back: stochastic (unbiased: small updates survive on average), nearest (the
+    ablation), or feedback (error feedback: to nearest, and the rounding residual is kept as one
+    more row state in head_optim.state_dtype and added back at the row's next update, so the
+    stored centers stay within about one code step of the exact ones instead of drifting as a
+    random walk). int4 state is always rounded stochastically."""
 
     def __post_init__(self):
         _require_finite(self, "head_optim")

@@ -40,7 +40,7 @@ from ..common import format_bytes, parse_count, parse_size
 from ..head.optim import HEAD_OPTIMIZERS, ROW_BLOCK_ELEMS
 from ..head.partial_fc import auto_block_elems
 from ..head.partition import ClassRange
-from ..head.precision import (STATE_DTYPES, WEIGHT_DTYPES, dtype_bytes, dtype_name, dtype_names,
+from ..head.precision import (ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, dtype_bytes, dtype_name, dtype_names,
                               state_code, weight_code)
 from ..head.sampler import num_sample_for
 
@@ -86,6 +86,9 @@ class PlanInput:
     """head_optim.name: sgd, adamw, sparse_sgd, sparse_adamw."""
     momentum: bool = True
     """SGD head optimizer with momentum (else no state)."""
+    rounding: str = "stochastic"
+    """head_optim.rounding: feedback keeps one more signed row state (the rounding residual)
+    for bfloat16 / int8 centers."""
     sparse_grad: bool = True
     """head.sparse_grad."""
     chunk_size: Optional[int] = None
@@ -109,7 +112,7 @@ class PlanInput:
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         for name, choices in (("weight_dtype", dtype_names(WEIGHT_DTYPES)),
                               ("state_dtype", dtype_names(STATE_DTYPES)),
-                              ("head_optimizer", HEAD_OPTIMIZERS)):
+                              ("head_optimizer", HEAD_OPTIMIZERS), ("rounding", ROUNDINGS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
@@ -182,12 +185,16 @@ def _state(inp: PlanInput, L: int, D: int):
     (hybrid_fc.head.precision.state_code: int4 keeps Adam's second moment in int8), row scales
     of scaled codes, AdamW's int64 step per row. torch's optimizers keep fp32."""
     adam = inp.head_optimizer.endswith("adamw")
-    signed = [True, False] if adam else ([True] if inp.momentum else [])
-    name = inp.state_dtype if inp.head_optimizer.startswith("sparse_") else "float32"
-    codes = [state_code(getattr(torch, name), sign, D) for sign in signed]
+    keys = ([("first moment", True), ("second moment", False)] if adam
+            else ([("momentum", True)] if inp.momentum else []))
+    sparse = inp.head_optimizer.startswith("sparse_")
+    if sparse and inp.rounding == "feedback" and inp.weight_dtype != "float32":
+        keys.append(("rounding residual", True))
+    name = inp.state_dtype if sparse else "float32"
+    codes = [state_code(getattr(torch, name), sign, D) for _, sign in keys]
     total = sum(L * D * dtype_bytes(dtype_name(c.dtype)) + L * 4 * _scaled(c) for c in codes)
-    note = ", ".join(dtype_name(c.dtype) for c in codes) or "none"
-    note += (" + row scales" if any(_scaled(c) for c in codes) else "") + (
+    note = ", ".join(f"{dtype_name(c.dtype)} {what}" for (what, _), c in zip(keys, codes))
+    note = (note or "none") + (" + row scales" if any(_scaled(c) for c in codes) else "") + (
         " + row steps" if adam else "")
     return total + (L * 8 if adam else 0), note
 
@@ -389,5 +396,6 @@ def plan_experiment(cfg, ds_config: Dict, gpus: int, gpu_memory: int,
         gpu_memory=int(gpu_memory), sample_rate=cfg.head.sample_rate,
         backbone_params=params, activation_elems=act, weight_dtype=cfg.head.weight_dtype,
         state_dtype=cfg.head_optim.state_dtype, head_optimizer=cfg.head_optim.name,
-        momentum=cfg.head_optim.momentum > 0, sparse_grad=cfg.head.sparse_grad,
+        momentum=cfg.head_optim.momentum > 0, rounding=cfg.head_optim.rounding,
+        sparse_grad=cfg.head.sparse_grad,
         chunk_size=cfg.head.chunk_size, device=device, **ds, **extra))

@@ -40,8 +40,8 @@ from ..common import format_bytes, parse_count, parse_size
 from ..head.optim import HEAD_OPTIMIZERS, ROW_BLOCK_ELEMS
 from ..head.partial_fc import auto_block_elems
 from ..head.partition import ClassRange
-from ..head.precision import (ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, dtype_bytes, dtype_name, dtype_names,
-                              state_code, weight_code)
+from ..head.precision import (ROUNDINGS, STATE_DTYPES, WEIGHT_DTYPES, dtype_bytes, dtype_name,
+                              dtype_names, state_code, weight_code)
 from ..head.sampler import num_sample_for
 
 __all__ = ["PlanInput", "Plan", "plan", "plan_experiment", "parse_count", "parse_bytes",

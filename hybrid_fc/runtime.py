@@ -3,8 +3,9 @@
 What a process needs around DeepSpeed's distributed start and end, none of it model code:
   * start-up: `starting_up()` removes stale torch JIT build locks and names a lock a start-up
     still waits on after 2 minutes; `join_process_group()` joins the launcher's process group
-    (a world of one under plain `python`: `standalone_defaults`) and unlinks DeepSpeed's
-    /dev/shm all-reduce buffers (`release_shm_buffers`);
+    (a world of one under plain `python`: `standalone_defaults`), unlinks DeepSpeed's
+    /dev/shm all-reduce buffers (`release_shm_buffers`) and makes sure the group is destroyed
+    at exit (`destroy_at_exit`);
   * logs: `quiet_logs` (rank 0 at INFO, third-party chatter lowered);
   * signals: `Preemption` (SIGTERM / SIGINT: every rank finishes its step, agrees, saves);
   * the end: `run_script(main)` turns input errors into one line per rank and ends the process
@@ -27,6 +28,7 @@ import torch.distributed as dist
 __all__ = ["clear_stale_build_locks", "watch_build_locks", "starting_up", "release_shm_buffers",
            "remove_stale_shm_buffers", "check_master_addr",
            "standalone_defaults", "join_process_group", "quiet_logs", "finish_distributed",
+           "destroy_at_exit",
            "run_script", "rank_memory_bytes", "print_err", "Preempted", "PeerLost",
            "Preemption"]
 
@@ -184,7 +186,8 @@ def join_process_group(standalone: bool = True) -> Tuple[int, int]:
     """Join the launcher's process group (deepspeed.init_distributed reads its variables) and
     unlink DeepSpeed's /dev/shm buffers; returns (rank, world size). standalone: a process
     started without a launcher becomes a world of one (standalone_defaults) instead of
-    DeepSpeed looking for MPI. Collective."""
+    DeepSpeed looking for MPI. A script that ends without `finish_distributed()` still has
+    its process group destroyed at exit (`destroy_at_exit`). Collective."""
     import deepspeed
     if standalone:
         standalone_defaults()
@@ -194,6 +197,7 @@ def join_process_group(standalone: bool = True) -> Tuple[int, int]:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
                             category=FutureWarning)
     deepspeed.init_distributed()
+    destroy_at_exit()
     release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers would outlive the run
     return dist.get_rank(), dist.get_world_size()
 
@@ -247,6 +251,32 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+_DESTROY_REGISTERED = False
+
+
+def _destroy_left_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - the process is ending either way
+            print_err(f"hybrid_fc: destroying the process group at exit failed: {exc}")
+
+
+def destroy_at_exit() -> None:
+    """Destroy the process group when the interpreter exits, if the script has not
+    (`finish_distributed`, `dist.destroy_process_group`): a gloo group left to the interpreter's
+    teardown can kill a rank with SIGABRT ("terminate called without an active exception") after
+    its work is done, and the launcher then reports the whole run as failed. No barrier here: a
+    rank that exits on an error must not wait for ranks that are not coming; a script that
+    finishes normally should still call `finish_distributed()` (barrier, then destroy).
+    Registered once per process."""
+    global _DESTROY_REGISTERED
+    if not _DESTROY_REGISTERED:
+        import atexit
+        atexit.register(_destroy_left_group)
+        _DESTROY_REGISTERED = True
 
 
 class Preempted(Exception):

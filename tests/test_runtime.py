@@ -73,3 +73,24 @@ def test_run_script_statuses(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].endswith("stopped by SIGTERM at step 5; saved x")
     assert "interrupted (SIGINT)" in err[1] and len(err) == 2
+
+
+def test_a_group_left_by_the_script_is_destroyed_at_exit(tmp_path):
+    """Bug caught: a script that joined with join_process_group() and ended without
+    finish_distributed() left its gloo group to the interpreter's teardown, where a rank could
+    die of SIGABRT after its work was done (the README's own-DeepSpeed-model block, once in CI).
+    An exit hook registered before joining runs after ours and sees the group gone."""
+    seen = tmp_path / "seen"
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        f"atexit.register(lambda: open({str(seen)!r}, 'w').write(str(dist.is_initialized())))\n"
+        "from hybrid_fc.runtime import join_process_group\n"
+        "rank, world = join_process_group()\n"
+        "assert dist.is_initialized() and (rank, world) == (0, 1)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert seen.read_text() == "False"

@@ -253,9 +253,6 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-_DESTROY_REGISTERED = False
-
-
 def _destroy_left_group() -> None:
     if dist.is_available() and dist.is_initialized():
         try:
@@ -271,12 +268,10 @@ def destroy_at_exit() -> None:
     its work is done, and the launcher then reports the whole run as failed. No barrier here: a
     rank that exits on an error must not wait for ranks that are not coming; a script that
     finishes normally should still call `finish_distributed()` (barrier, then destroy).
-    Registered once per process."""
-    global _DESTROY_REGISTERED
-    if not _DESTROY_REGISTERED:
-        import atexit
-        atexit.register(_destroy_left_group)
-        _DESTROY_REGISTERED = True
+    Registered once per process however often it is called."""
+    import atexit
+    atexit.unregister(_destroy_left_group)
+    atexit.register(_destroy_left_group)
 
 
 class Preempted(Exception):
